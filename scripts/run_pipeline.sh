@@ -1,0 +1,1 @@
+../src/noisy_student_nnunet/pipeline/run_pipeline.sh

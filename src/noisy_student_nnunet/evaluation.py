@@ -1,0 +1,374 @@
+"""FLARE22 accuracy metrics: DSC and NSD per case and organ, exactly as the challenge scores them.
+
+The rules follow the official FLARE22 evaluation script (JunMa11/FLARE, FLARE22_DSC_NSD_Eval.py) and
+../shared/notes/flare-evaluation.md, so that users can trust these numbers instead of the official code:
+
+- labels read as uint8, spacing from the reference's NIfTI header (nibabel ``get_zooms()``);
+- reference and prediction both empty: DSC = NSD = 1; exactly one empty: DSC = NSD = 0;
+- aorta, IVC and esophagus are scored only on ``[z_min, z_max)`` of the reference along the third
+  array axis (the official code's exclusive upper bound), for DSC and NSD alike;
+- DSC = 2|A∩B| / (|A| + |B|); NSD = surface Dice at the organ's tolerance (mm) from DeepMind's
+  ``surface-distance`` package; NSD = 0 when DSC < 0.2;
+- values rounded to 4 decimals.
+
+One deliberate addition: prediction and reference must share geometry (shape, spacing, affine),
+otherwise :class:`NsnError` names the case; the official script would silently compare voxels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.flare import FLARE22_ORGANS, Organ
+
+NIFTI_SUFFIX = ".nii.gz"
+NSD_ZERO_BELOW_DSC = 0.2  # FLARE22 rule: a prediction this far off gets no surface credit
+DECIMALS = 4
+GEOMETRY_ATOL = 1e-4  # mm; header floats written by different tools may differ in the last bits
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One scored structure: which label values form it, its CSV column prefix and NSD tolerance."""
+
+    name: str
+    column: str
+    values: tuple[int, ...]
+    nsd_tolerance_mm: float
+    z_range_only: bool = False
+
+    @classmethod
+    def from_organ(cls, organ: Organ) -> "LabelSpec":
+        return cls(organ.name, organ.column, (organ.label,), organ.nsd_tolerance_mm, organ.z_range_only)
+
+
+FLARE22_SPECS: tuple[LabelSpec, ...] = tuple(LabelSpec.from_organ(organ) for organ in FLARE22_ORGANS)
+
+
+def label_specs_from_dataset_json(path: str | os.PathLike, tolerance_mm: float) -> tuple[LabelSpec, ...]:
+    """Label specs from an nnU-Net dataset.json.
+
+    A label whose name and value are those of a FLARE22 organ keeps FLARE's column, tolerance and
+    z-range rule (a FLARE22 dataset.json therefore scores exactly like ``--labels flare22``); any other
+    label uses its own name as column prefix and ``tolerance_mm``. Region labels (lists) are scored as
+    the union of their values.
+    """
+    path = Path(path)
+    try:
+        labels = json.loads(path.read_text())["labels"]
+    except FileNotFoundError:
+        raise NsnError(f"labels file not found: {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise NsnError(f"{path} is not a dataset.json with a 'labels' entry") from None
+    flare_by_name = {organ.name: organ for organ in FLARE22_ORGANS}
+    specs = []
+    for name, value in labels.items():
+        values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+        if values == (0,) or name == "background":
+            continue
+        if any(not 0 < v < 256 for v in values):
+            raise NsnError(f"{path}: label {name!r} has values {list(values)}; labels must be 1..255")
+        organ = flare_by_name.get(name)
+        if organ is not None and values == (organ.label,):
+            specs.append(LabelSpec.from_organ(organ))
+        else:
+            specs.append(LabelSpec(name, name, values, float(tolerance_mm)))
+    if not specs:
+        raise NsnError(f"{path} defines no foreground labels")
+    return tuple(specs)
+
+
+def csv_columns(specs: Sequence[LabelSpec]) -> list[str]:
+    """Name, then every ``<column>_DSC``, then every ``<column>_NSD`` (the official FLARE22 order)."""
+    return ["Name"] + [f"{s.column}_DSC" for s in specs] + [f"{s.column}_NSD" for s in specs]
+
+
+def _round(value: float) -> float:
+    # numpy rounding on float64, as the official script's round(np.float64, 4)
+    return float(round(np.float64(value), DECIMALS))
+
+
+def _mask(data: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    return data == values[0] if len(values) == 1 else np.isin(data, values)
+
+
+def score_structure(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    spacing: Sequence[float],
+    spec: LabelSpec,
+    nsd_zero_below_dsc: float = NSD_ZERO_BELOW_DSC,
+) -> tuple[float, float]:
+    """Unrounded (DSC, NSD) of one structure under the FLARE22 rules.
+
+    Returns NaN for both when the z-range rule leaves nothing to score (the reference labels the
+    structure on a single slice, so ``[z_min, z_max)`` is empty): the official script then divides
+    0 by 0 as well.
+    """
+    import surface_distance  # DeepMind's package, as the official FLARE code
+
+    gt = _mask(reference, spec.values)
+    pred = _mask(prediction, spec.values)
+    gt_any, pred_any = bool(gt.any()), bool(pred.any())
+    if not gt_any and not pred_any:
+        return 1.0, 1.0
+    if gt_any != pred_any:
+        return 0.0, 0.0
+    if spec.z_range_only:
+        z_index = np.nonzero(gt.any(axis=(0, 1)))[0]
+        z_lower, z_upper = int(z_index.min()), int(z_index.max())
+        gt, pred = gt[:, :, z_lower:z_upper], pred[:, :, z_lower:z_upper]  # upper bound exclusive
+    gt_sum, pred_sum = int(gt.sum()), int(pred.sum())
+    if gt_sum + pred_sum == 0:
+        return math.nan, math.nan
+    dsc = 2.0 * int(np.logical_and(gt, pred).sum()) / (gt_sum + pred_sum)
+    if dsc < nsd_zero_below_dsc or gt_sum == 0 or pred_sum == 0:
+        # one side empty after the z-crop: the official code yields NSD 0 (all distances infinite);
+        # surface-distance 0.1 cannot compute that case under numpy 2 (np.Inf), so it is set here.
+        return dsc, 0.0
+    distances = surface_distance.compute_surface_distances(gt, pred, tuple(float(s) for s in spacing))
+    nsd = float(surface_distance.compute_surface_dice_at_tolerance(distances, spec.nsd_tolerance_mm))
+    return dsc, nsd
+
+
+def load_label_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """uint8 label array (nibabel axis order), header spacing and affine of a NIfTI label map."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for unreadable files
+        raise NsnError(f"cannot read {path}: {error}".splitlines()[0]) from None
+    data = np.asanyarray(image.dataobj)
+    zooms = tuple(float(z) for z in image.header.get_zooms())
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise NsnError(f"{path} is not a 3D label map (shape {data.shape})")
+    return np.uint8(data), zooms[:3], np.asarray(image.affine, dtype=np.float64)
+
+
+@dataclass
+class CaseResult:
+    name: str
+    dsc: list[float]
+    nsd: list[float]
+    missing_prediction: bool = False
+
+
+def evaluate_case(
+    reference_path: str | os.PathLike,
+    prediction_path: str | os.PathLike | None,
+    specs: Sequence[LabelSpec] = FLARE22_SPECS,
+    nsd_zero_below_dsc: float = NSD_ZERO_BELOW_DSC,
+) -> CaseResult:
+    """Rounded DSC and NSD of every structure of one case; no prediction file counts as all empty."""
+    name = Path(reference_path).name
+    reference, spacing, affine = load_label_image(reference_path)
+    missing = prediction_path is None or not Path(prediction_path).is_file()
+    if missing:
+        prediction = np.zeros_like(reference)
+    else:
+        prediction, pred_spacing, pred_affine = load_label_image(prediction_path)
+        if prediction.shape != reference.shape:
+            raise NsnError(f"case {name}: prediction shape {prediction.shape} != reference shape {reference.shape}")
+        if not np.allclose(pred_spacing, spacing, rtol=0, atol=GEOMETRY_ATOL):
+            raise NsnError(f"case {name}: prediction spacing {pred_spacing} != reference spacing {spacing}")
+        if not np.allclose(pred_affine, affine, rtol=0, atol=GEOMETRY_ATOL):
+            raise NsnError(f"case {name}: prediction affine differs from the reference affine (origin or direction)")
+    dsc, nsd = [], []
+    for spec in specs:
+        d, n = score_structure(reference, prediction, spacing, spec, nsd_zero_below_dsc)
+        dsc.append(_round(d))
+        nsd.append(_round(n))
+    return CaseResult(name, dsc, nsd, missing)
+
+
+def _evaluate_case_star(job: tuple) -> CaseResult:
+    return evaluate_case(*job)
+
+
+@dataclass
+class EvaluationResult:
+    specs: tuple[LabelSpec, ...]
+    cases: list[CaseResult]
+    missing_predictions: list[str] = field(default_factory=list)
+    unmatched_predictions: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[list]:
+        return [[c.name, *c.dsc, *c.nsd] for c in self.cases]
+
+    def nan_entries(self) -> list[str]:
+        """``case/column`` of values left undefined by the z-range rule (single-slice references)."""
+        out = []
+        for case in self.cases:
+            for spec, d in zip(self.specs, case.dsc):
+                if math.isnan(d):
+                    out.append(f"{case.name}/{spec.column}")
+        return out
+
+    def summary(self) -> dict:
+        """Mean and std (population, as numpy) per structure and overall; NaNs are left out and listed."""
+        dsc = np.array([c.dsc for c in self.cases], dtype=np.float64).reshape(len(self.cases), len(self.specs))
+        nsd = np.array([c.nsd for c in self.cases], dtype=np.float64).reshape(len(self.cases), len(self.specs))
+
+        def stats(values: np.ndarray) -> dict:
+            values = values[~np.isnan(values)]
+            if values.size == 0:
+                return {"mean": None, "std": None}
+            return {"mean": _round(values.mean()), "std": _round(values.std())}
+
+        per_structure = {
+            spec.column: {"DSC": stats(dsc[:, i]), "NSD": stats(nsd[:, i]), "nsd_tolerance_mm": spec.nsd_tolerance_mm}
+            for i, spec in enumerate(self.specs)
+        }
+        return {
+            "n_cases": len(self.cases),
+            "overall": {"DSC": stats(dsc.ravel()), "NSD": stats(nsd.ravel())},
+            "per_structure": per_structure,
+            "missing_predictions": list(self.missing_predictions),
+            "unmatched_predictions": list(self.unmatched_predictions),
+            "undefined_values": self.nan_entries(),
+        }
+
+    def table(self) -> str:
+        """A per-structure text table: mean ± std of DSC and NSD, then the overall row."""
+        summary = self.summary()
+        width = max([len(s.column) for s in self.specs] + [len("Overall")])
+
+        def fmt(entry: dict) -> str:
+            if entry["mean"] is None:
+                return f"{'n/a':>15}"
+            return f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+
+        lines = [f"{'Structure':<{width}}  {'tol mm':>6}  {'DSC':>15}  {'NSD':>15}"]
+        for spec in self.specs:
+            entry = summary["per_structure"][spec.column]
+            lines.append(f"{spec.column:<{width}}  {spec.nsd_tolerance_mm:>6g}  {fmt(entry['DSC'])}  {fmt(entry['NSD'])}")
+        lines.append(f"{'Overall':<{width}}  {'':>6}  {fmt(summary['overall']['DSC'])}  {fmt(summary['overall']['NSD'])}")
+        return "\n".join(lines)
+
+
+def _nifti_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIX) and p.is_file())
+
+
+def evaluate_folders(
+    reference_dir: str | os.PathLike,
+    prediction_dir: str | os.PathLike,
+    specs: Sequence[LabelSpec] = FLARE22_SPECS,
+    num_processes: int = 1,
+    nsd_zero_below_dsc: float = NSD_ZERO_BELOW_DSC,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Score every reference case against the prediction of the same file name, in parallel."""
+    reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
+    for folder, what in ((reference_dir, "reference"), (prediction_dir, "prediction")):
+        if not folder.is_dir():
+            raise NsnError(f"{what} folder not found: {folder}")
+    names = _nifti_names(reference_dir)
+    if not names:
+        raise NsnError(f"no {NIFTI_SUFFIX} files in {reference_dir}")
+    predicted = set(_nifti_names(prediction_dir))
+    missing = [n for n in names if n not in predicted]
+    unmatched = sorted(predicted - set(names))
+    jobs = [
+        (reference_dir / n, prediction_dir / n if n in predicted else None, tuple(specs), nsd_zero_below_dsc)
+        for n in names
+    ]
+    from tqdm import tqdm
+
+    num_processes = max(1, min(int(num_processes), len(jobs)))
+    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
+    results: list[CaseResult] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # surface-distance uses old scipy namespaces
+        if num_processes == 1:
+            for job in jobs:
+                results.append(_evaluate_case_star(job))
+                bar.update()
+        else:
+            import multiprocessing
+
+            with multiprocessing.get_context().Pool(num_processes) as pool:
+                for result in pool.imap_unordered(_evaluate_case_star, jobs):
+                    results.append(result)
+                    bar.update()
+    bar.close()
+    order = {n: i for i, n in enumerate(names)}
+    results.sort(key=lambda r: order[r.name])
+    return EvaluationResult(tuple(specs), results, missing, unmatched)
+
+
+def _atomic_write_text(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv(result: EvaluationResult, path: str | os.PathLike) -> None:
+    """The official FLARE CSV: one row per case (file name), DSC columns then NSD columns."""
+
+    def write(handle) -> None:
+        writer = csv.writer(handle)
+        writer.writerow(csv_columns(result.specs))
+        for row in result.rows():
+            writer.writerow([row[0]] + [_csv_value(v) for v in row[1:]])
+
+    _atomic_write_text(Path(path), write)
+
+
+def _csv_value(value: float) -> str:
+    return "nan" if math.isnan(value) else repr(value)
+
+
+def write_summary(result: EvaluationResult, path: str | os.PathLike) -> None:
+    _atomic_write_text(Path(path), lambda handle: json.dump(result.summary(), handle, indent=2))
+
+
+def read_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """``{case: {column: value}}`` from a CSV written by :func:`write_csv` (for comparisons)."""
+    with open(path, newline="") as handle:
+        return {row["Name"]: {k: float(v) for k, v in row.items() if k != "Name"} for row in csv.DictReader(handle)}
+
+
+def resolve_labels(labels: str, tolerance_mm: float) -> tuple[LabelSpec, ...]:
+    """``flare22`` or the path of a dataset.json."""
+    if labels.lower() == "flare22":
+        return FLARE22_SPECS
+    return label_specs_from_dataset_json(labels, tolerance_mm)
+
+
+__all__ = [
+    "FLARE22_SPECS",
+    "LabelSpec",
+    "CaseResult",
+    "EvaluationResult",
+    "csv_columns",
+    "evaluate_case",
+    "evaluate_folders",
+    "label_specs_from_dataset_json",
+    "load_label_image",
+    "read_csv",
+    "resolve_labels",
+    "score_structure",
+    "write_csv",
+    "write_summary",
+]
