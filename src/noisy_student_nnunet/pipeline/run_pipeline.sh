@@ -42,7 +42,8 @@ done
 for var in nnUNet_raw nnUNet_preprocessed nnUNet_results; do
   [ -n "${!var:-}" ] || { echo "run_pipeline.sh: environment variable $var is not set" >&2; exit 2; }
 done
-DATASET_NAME=$(python -c "
+PYTHON="${NSN_PYTHON:-python}"
+DATASET_NAME=$("$PYTHON" -c "
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name as m; print(m('$DATASET'))") \
   || { echo "run_pipeline.sh: dataset $DATASET not found in \$nnUNet_raw or \$nnUNet_preprocessed" >&2; exit 2; }
 WORK="${WORK:-$nnUNet_results/noisy_student_pipeline/$DATASET_NAME}"
@@ -85,7 +86,7 @@ train_folds() {
 
 # best_fold TRAINER: the fold with the highest cross-validation foreground Dice.
 best_fold() {
-  python - "$(results_dir "$1")" "${FOLD_LIST[@]}" <<'PY'
+  "$PYTHON" - "$(results_dir "$1")" "${FOLD_LIST[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 folder, folds = Path(sys.argv[1]), sys.argv[2:]
@@ -108,7 +109,7 @@ for round in $(seq 1 "$ROUNDS"); do
     # later rounds: the previous fine-tuned student teaches; the new student gets plans of its own
     # (same network and preprocessed data) so that its results folder does not collide
     STUDENT_PLANS="${PLANS}_round$round"
-    [ -f "$nnUNet_preprocessed/$DATASET_NAME/$STUDENT_PLANS.json" ] || python - "$nnUNet_preprocessed/$DATASET_NAME" "$PLANS" "$STUDENT_PLANS" <<'PY'
+    [ -f "$nnUNet_preprocessed/$DATASET_NAME/$STUDENT_PLANS.json" ] || "$PYTHON" - "$nnUNet_preprocessed/$DATASET_NAME" "$PLANS" "$STUDENT_PLANS" <<'PY'
 import json, os, sys
 folder, source, target = sys.argv[1:]
 plans = json.load(open(f"{folder}/{source}.json"))

@@ -1,0 +1,176 @@
+"""``nsn demo``: the whole chain on synthetic phantoms on the CPU, then a table comparing its models.
+
+The chain itself is ``pipeline/run_pipeline.sh`` (the same script users run); the demo adds the
+phantoms, predictions of the intermediate models (one teacher fold, the teacher ensemble, the
+student) and a table of FLARE DSC/NSD per organ with prediction time and peak RAM.
+Everything lives under one work folder; a rerun resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from noisy_student_nnunet.errors import NsnError
+
+PIPELINE_SCRIPT = Path(__file__).resolve().parent / "pipeline" / "run_pipeline.sh"
+PLANS = "nnUNetLowFootprintPlans"
+CONFIGURATION = "3d_fullres"
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """One row group of the demo table: a trained model and the folds it predicts with."""
+
+    title: str
+    trainer: str
+    folds: tuple[str, ...]
+
+
+@dataclass
+class ModelScore:
+    model: DemoModel
+    summary: dict  # evaluation summary (per_structure, overall)
+    wall_time_s: float
+    peak_rss_mb: float | None
+
+
+def demo_environment(work: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for every child: nnU-Net folders inside the work folder, CPU-friendly defaults."""
+    env = dict(os.environ if base is None else base)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(work / var)
+    env.setdefault("nnUNet_n_proc_DA", str(max(1, min(2, os.cpu_count() or 1))))
+    env.setdefault("nnUNet_compile", "0")
+    env.pop("NSN_RECIPE", None)
+    # the console scripts of this interpreter's environment first, also when it is not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["NSN_PYTHON"] = sys.executable
+    return env
+
+
+def best_fold(results_dir: Path, folds: tuple[str, ...]) -> str:
+    """The fold whose cross-validation foreground Dice is highest (nnU-Net's validation/summary.json)."""
+    scores = {}
+    for fold in folds:
+        summary = results_dir / f"fold_{fold}" / "validation" / "summary.json"
+        if not summary.is_file():
+            raise NsnError(f"no validation summary for fold {fold}: {summary}")
+        scores[fold] = json.loads(summary.read_text())["foreground_mean"]["Dice"]
+    return max(scores, key=scores.get)
+
+
+def _stream(cmd: list[str], env: dict[str, str], log: Path) -> None:
+    """Run ``cmd`` showing its lines as progress; raise NsnError naming the log on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            print(f"  {line.rstrip()}", flush=True)
+        if process.wait() != 0:
+            raise NsnError(f"`{' '.join(cmd[:2])} ...` failed (exit {process.returncode}); see {log}")
+
+
+def predict_and_score(model: DemoModel, dataset_id: int, images: Path, labels: Path, dataset_json: Path,
+                      out: Path, env: dict[str, str]) -> ModelScore:
+    """Predict the test images with the low-footprint predictor under the profiler, then score them."""
+    from noisy_student_nnunet.evaluation import evaluate_folders, resolve_labels
+    from noisy_student_nnunet.profiling import profile_command
+
+    predictions = out / "predictions"
+    profile_json = out / "profile.json"
+    if not profile_json.is_file():
+        if predictions.exists():
+            shutil.rmtree(predictions)
+        cmd = ["nnUNetv2_predict_lowfootprint", "-i", str(images), "-o", str(predictions), "-d", str(dataset_id),
+               "-p", PLANS, "-c", CONFIGURATION, "-tr", model.trainer, "-f", *model.folds, "-device", "cpu",
+               "--disable_progress_bar"]
+        result = profile_command(cmd, interval=0.1, env=env)
+        if result.exit_code != 0:
+            raise NsnError(f"prediction with {model.title} failed (exit {result.exit_code}): {' '.join(cmd)}")
+        result.write_json(profile_json)
+        result.plot(out / "profile.png")
+    profile = json.loads(profile_json.read_text())["summary"]
+    evaluation = evaluate_folders(labels, predictions, resolve_labels(str(dataset_json), 1.0), progress=False)
+    return ModelScore(model, evaluation.summary(), profile["wall_time_s"], profile["peak_rss_tree_mb"])
+
+
+def format_table(scores: list[ModelScore]) -> str:
+    """Organs as rows, models as DSC/NSD column pairs; then mean, prediction time and peak RAM."""
+    structures = list(scores[0].summary["per_structure"])
+    width = max(len(s) for s in structures + ["prediction time (s)"])
+    head1 = f"{'':<{width}}" + "".join(f"  {s.model.title:>17}" for s in scores)
+    head2 = f"{'organ':<{width}}" + "".join(f"  {'DSC':>8} {'NSD':>8}" for _ in scores)
+    lines = [head1, head2]
+
+    def pair(entry: dict) -> str:
+        d, n = entry["DSC"]["mean"], entry["NSD"]["mean"]
+        return "  " + (f"{d:8.4f}" if d is not None else f"{'n/a':>8}") + " " + (
+            f"{n:8.4f}" if n is not None else f"{'n/a':>8}")
+
+    for structure in structures:
+        lines.append(f"{structure:<{width}}" + "".join(pair(s.summary["per_structure"][structure]) for s in scores))
+    lines.append(f"{'mean':<{width}}" + "".join(pair(s.summary["overall"]) for s in scores))
+    lines.append(f"{'prediction time (s)':<{width}}" + "".join(f"  {s.wall_time_s:17.1f}" for s in scores))
+    lines.append(f"{'peak RAM (MB)':<{width}}" + "".join(
+        f"  {s.peak_rss_mb:17.0f}" if s.peak_rss_mb is not None else f"  {'n/a':>17}" for s in scores))
+    return "\n".join(lines)
+
+
+def run_demo(work: Path, dataset_id: int = 990, recipe: str = "demo", num_labeled: int = 8, num_unlabeled: int = 24,
+             num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0) -> str:
+    """Make phantoms, run the pipeline, predict with every stage's model; return the table (also written)."""
+    from noisy_student_nnunet.phantoms import write_phantom_dataset
+
+    work = work.resolve()
+    env = demo_environment(work)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[var]).mkdir(parents=True, exist_ok=True)
+    raw = Path(env["nnUNet_raw"])
+    existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*"))
+    print(f"[1/4] phantoms: {num_labeled} labeled, {num_unlabeled} unlabeled, {num_test} test", flush=True)
+    if existing:
+        dataset = existing[0]
+        print(f"  using {dataset}", flush=True)
+    else:
+        dataset = write_phantom_dataset(raw, dataset_id, name="DemoPhantoms", num_labeled=num_labeled,
+                                        num_unlabeled=num_unlabeled, num_test=num_test, seed=seed,
+                                        inplane_voxels=(64, 80), slices=(24, 40), slice_spacing=(2.0, 3.0),
+                                        progress=True)
+    pipeline_work = work / "pipeline"
+    print("[2/4] pipeline: plan, teachers, pseudo-labels, student, fine-tune, predict, evaluate", flush=True)
+    _stream(["bash", str(PIPELINE_SCRIPT), "-d", str(dataset_id), "-u", str(dataset / "imagesUnlabeled"),
+             "-t", str(dataset / "imagesTs"), "-l", str(dataset / "labelsTs"), "-r", recipe, "-f", " ".join(folds),
+             "-D", "cpu", "-w", str(pipeline_work), "-o", f"Dataset{dataset_id + 1:03d}_DemoPseudo"],
+            env, work / "demo.log")
+
+    results = Path(env["nnUNet_results"]) / dataset.name
+    best = best_fold(results / f"NoisyStudentTrainer__{PLANS}__{CONFIGURATION}", folds)
+    models = [
+        DemoModel("teacher fold 0", "NoisyStudentTeacherTrainer", (folds[0],)),
+        DemoModel("teacher ensemble", "NoisyStudentTeacherTrainer", folds),
+        DemoModel(f"student fold {best}", "NoisyStudentTrainer", (best,)),
+        DemoModel(f"fine-tuned fold {best}", "NoisyStudentFinetuneTrainer", (best,)),
+    ]
+    print("[3/4] predicting the test phantoms with each stage's model", flush=True)
+    scores = []
+    for model in models:
+        print(f"  {model.title}", flush=True)
+        out = work / "compare" / model.title.replace(" ", "_")
+        scores.append(predict_and_score(model, dataset_id, dataset / "imagesTs", dataset / "labelsTs",
+                                        dataset / "dataset.json", out, env))
+    print("[4/4] results on the test phantoms (FLARE22 DSC and NSD, mean over cases)", flush=True)
+    table = format_table(scores)
+    (work / "demo_table.txt").write_text(table + "\n")
+    plot = work / "demo_resources.png"
+    shutil.copyfile(work / "compare" / models[-1].title.replace(" ", "_") / "profile.png", plot)
+    print(table)
+    print(f"\nresource plot of the fine-tuned model's prediction: {plot}\ntable: {work / 'demo_table.txt'}")
+    return table
