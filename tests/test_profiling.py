@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -189,3 +190,16 @@ def test_ctrl_c_ends_the_whole_child_tree(tmp_path):
         pass
     data = json.loads(out.read_text())
     assert data["interrupted"] == "SIGINT"
+
+
+def test_peak_is_the_childs_own_not_the_forking_parents(tmp_path):
+    """The child's peak RSS is its own even when the profiling process is large: ``ru_maxrss`` would report
+    the parent's high-water mark, which Linux carries across fork and exec."""
+    ballast = np.ones(600 * 2**20 // 8)  # this process: 600 MB resident
+    ballast[::4096] += 1.0
+    result = profile_command([sys.executable, "-c", "import time; time.sleep(0.5)"], interval=0.05, gpu=False)
+    assert result.exit_code == 0
+    summary = result.summary()
+    assert summary["peak_rss_largest_process_mb"] < 200
+    assert summary["peak_rss_tree_mb"] < 200
+    del ballast

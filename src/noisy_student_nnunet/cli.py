@@ -18,8 +18,11 @@ from noisy_student_nnunet.errors import NsnError
 COMMANDS: tuple[str, ...] = (
     "env",
     "phantoms",
+    "plan",
+    "pseudolabel",
     "evaluate",
     "profile",
+    "demo",
 )
 
 

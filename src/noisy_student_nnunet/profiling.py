@@ -240,6 +240,20 @@ class _ProcessTree:
         self._scan_every = 1
         self._since_scan = 0
         self.all_pids: set[int] = {pid}
+        self.peak_hwm_mb: float | None = None  # largest VmHWM seen in any process of the tree
+
+    def _note_hwm(self, pid: int) -> None:
+        """Track the kernel's peak RSS of one process (VmHWM: per address space, so it starts afresh at exec;
+        ``ru_maxrss`` does not, and carries the forking parent's peak into the child)."""
+        try:
+            with open(f"/proc/{pid}/status", "rb") as handle:
+                for line in handle:
+                    if line.startswith(b"VmHWM:"):
+                        mb = int(line.split()[1]) / 1024.0  # kB
+                        self.peak_hwm_mb = mb if self.peak_hwm_mb is None else max(self.peak_hwm_mb, mb)
+                        return
+        except (OSError, ValueError, IndexError):
+            return
 
     def _scan(self) -> None:
         start = time.perf_counter()
@@ -266,6 +280,7 @@ class _ProcessTree:
                 with process.oneshot():
                     rss += process.memory_info().rss
                     times = process.cpu_times()
+                self._note_hwm(pid)
             except self._psutil.Error:
                 gone.append(pid)
                 continue
@@ -618,7 +633,10 @@ def profile_command(
     result.exit_code = child.returncode
     result.wall_time_s = wall
     result.interrupted = signal.Signals(int(interrupt["signal"])).name if interrupt else None
-    result.peak_rss_largest_process_mb = usage.ru_maxrss / 1024.0  # KiB on Linux
+    # the kernel's per-process peak (VmHWM, read at each sample); ru_maxrss only where /proc is not readable,
+    # since it includes the forking parent's peak from before exec
+    result.peak_rss_largest_process_mb = tree.peak_hwm_mb if tree.peak_hwm_mb is not None \
+        else usage.ru_maxrss / 1024.0  # KiB on Linux
     result.tree_cpu_time_s = usage.ru_utime + usage.ru_stime
     result.sampler_cpu_time_s = (self_after.ru_utime + self_after.ru_stime) - (
         self_before.ru_utime + self_before.ru_stime
