@@ -1,0 +1,416 @@
+"""Benchmarks of the low-footprint predictor against stock nnU-Net 2.8.1 (CPU; GPU part where CUDA exists).
+
+    python benchmarks/bench_inference.py export   # (a) export only, same logits, 14 classes, clinical size
+    python benchmarks/bench_inference.py e2e      # (b) end to end, half-width model, stock vs ours
+    python benchmarks/bench_inference.py gpu      # (c) peak GPU memory and time per case (needs CUDA)
+    python benchmarks/bench_inference.py huge     # (d) 512x512x1000 input, tiny network, our peak RSS
+
+Each measured run is a separate process: (a) reports wall time and the peak RSS it added on top of the
+loaded logits (kernel high-water mark, ``ru_maxrss``); (b)-(d) run the console commands under
+:func:`noisy_student_nnunet.profiling.profile_command` (summed RSS of the process tree sampled every 0.1 s,
+CPU time of the tree). Work files go to ``--workdir`` (default: $TMPDIR/nsn_bench_inference). Model weights are
+random: fine for time and memory, not for accuracy (the export benchmark's Dice uses logits built from a phantom
+label map instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+import model_folders as mf  # noqa: E402
+
+BIN = Path(sys.executable).parent
+NUM_CLASSES = 14
+GB = 1024.0**3
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, " \
+           f"{_total_ram_gb():.0f} GB RAM, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _total_ram_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / GB
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A GitHub-markdown table of ``rows`` with (key, header) ``columns``."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.6f}" if 0.999 <= v < 1 else (f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")
+        return str(v)
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(k, "")) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def dice_per_class(a: np.ndarray, b: np.ndarray, labels) -> dict[int, float]:
+    out = {}
+    for c in labels:
+        p, q = a == c, b == c
+        s = int(p.sum()) + int(q.sum())
+        out[int(c)] = float(2 * (p & q).sum() / s) if s else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- (a) export only
+def prepare_export_case(work: Path, shape_zyx, spacing_zyx, plans_spacing) -> Path:
+    """Phantom label map at the image size -> network grid -> network-like logits; saved with properties."""
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+    import torch
+
+    from noisy_student_nnunet.inference.resize import resize_labels_nearest
+    from noisy_student_nnunet.phantoms import make_phantom
+
+    case = work / f"export_{'x'.join(map(str, shape_zyx))}"
+    if (case / "logits.npy").is_file():
+        return case
+    case.mkdir(parents=True, exist_ok=True)
+    phantom = make_phantom(0, shape_zyx, spacing_zyx)
+    net = [int(s) for s in compute_new_shape(shape_zyx, spacing_zyx, plans_spacing)]
+    labels_net = resize_labels_nearest(torch.from_numpy(phantom.label), net).numpy()
+    logits = mf.logits_from_labels(labels_net, NUM_CLASSES, seed=0)
+    np.save(case / "logits.npy", logits)
+    np.save(case / "phantom_label.npy", phantom.label)
+    plans = mf.make_plans(plans_spacing, [40, 224, 192])
+    props = {
+        "spacing": list(spacing_zyx),
+        "shape_before_cropping": tuple(shape_zyx),
+        "bbox_used_for_cropping": [[0, s] for s in shape_zyx],
+        "shape_after_cropping_and_before_resampling": tuple(shape_zyx),
+        "sitk_stuff": {"spacing": tuple(float(s) for s in spacing_zyx[::-1]), "origin": phantom.origin,
+                       "direction": phantom.direction},
+    }
+    (case / "plans.json").write_text(json.dumps(plans))
+    (case / "dataset.json").write_text(json.dumps(mf.make_dataset_json(NUM_CLASSES)))
+    with open(case / "properties.pkl", "wb") as f:
+        pickle.dump(props, f)
+    return case
+
+
+def _reset_peak_rss() -> None:
+    """Linux: reset this process's peak RSS (VmHWM) to its current RSS (``clear_refs`` value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM from /proc (resettable), else the kernel's ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def export_worker(case: Path, impl: str, out: Path) -> dict:
+    """One export in this (fresh) process; prints a JSON line with time and peak memory."""
+    import psutil
+    import torch
+
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from noisy_student_nnunet.inference.export import export_labels_from_logits
+
+    plans = json.loads((case / "plans.json").read_text())
+    dataset_json = json.loads((case / "dataset.json").read_text())
+    with open(case / "properties.pkl", "rb") as f:
+        props = pickle.load(f)
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(mf.CONFIGURATION)
+    logits = np.load(case / "logits.npy")
+    rss_before = psutil.Process().memory_info().rss
+    peak_before = _peak_rss_bytes()
+    _reset_peak_rss()  # so loading the logits does not hide the export's own peak
+    t0 = time.perf_counter()
+    if impl == "stock":
+        export_prediction_from_logits(logits, props, cm, pm, dataset_json, str(out), save_probabilities=False)
+    else:
+        export_labels_from_logits(torch.from_numpy(logits), props, cm, pm, dataset_json, str(out), mode=impl)
+    wall = time.perf_counter() - t0
+    peak = _peak_rss_bytes()
+    return {"impl": impl, "wall_s": wall, "rss_before_gb": rss_before / GB, "peak_gb": peak / GB,
+            "added_peak_gb": max(0, peak - rss_before) / GB, "peak_before_gb": peak_before / GB}
+
+
+def bench_export(args) -> None:
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+    import SimpleITK as sitk
+
+    work = Path(args.workdir)
+    shape = tuple(args.shape)
+    spacing = tuple(args.spacing)
+    plans_spacing = tuple(args.plans_spacing)
+    t0 = time.perf_counter()
+    case = prepare_export_case(work, shape, spacing, plans_spacing)
+    net = [int(s) for s in compute_new_shape(shape, spacing, plans_spacing)]
+    print(f"case: image {shape} (z, y, x) at {spacing} mm, plans spacing {plans_spacing} -> network grid {net}, "
+          f"{NUM_CLASSES} classes, fp16 logits {np.prod(net) * NUM_CLASSES * 2 / GB:.2f} GB "
+          f"(prepared in {time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = []
+    for impl in args.impls:
+        out = case / f"out_{impl}"
+        done = subprocess.run([sys.executable, __file__, "_export_worker", str(case), impl, str(out)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{impl}: failed (exit {done.returncode})\n{done.stderr[-3000:]}")
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  {impl}: {row['wall_s']:.1f} s, +{row['added_peak_gb']:.2f} GB", flush=True)
+    by = {r["impl"]: r for r in rows}
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "out_stock.nii.gz"))) if "stock" in by else None
+    for r in rows:
+        if "stock" in by:
+            r["speedup"] = by["stock"]["wall_s"] / r["wall_s"]
+            r["mem_ratio"] = r["added_peak_gb"] / by["stock"]["added_peak_gb"]
+        if ref is not None and r["impl"] != "stock":
+            ours = sitk.GetArrayFromImage(sitk.ReadImage(str(case / f"out_{r['impl']}.nii.gz")))
+            d = dice_per_class(ours, ref, range(1, NUM_CLASSES))
+            r["dice_min"] = min(d.values())
+            r["dice_mean"] = float(np.mean(list(d.values())))
+            r["voxels_equal"] = float((ours == ref).mean())
+            r["dice"] = d
+    print()
+    print(f"(a) export only, same logits. Machine: {machine()}")
+    print(table(rows, [("impl", "export"), ("wall_s", "wall time (s)"), ("speedup", "x faster"),
+                       ("added_peak_gb", "added peak RSS (GB)"), ("mem_ratio", "peak / stock peak"),
+                       ("dice_min", "min Dice vs stock"), ("dice_mean", "mean Dice vs stock"),
+                       ("voxels_equal", "voxels equal to stock")]))
+    if ref is not None:
+        from noisy_student_nnunet.flare import FLARE22_ORGANS
+
+        print("\nDice per organ against stock's labels:")
+        organ_rows = []
+        for organ in FLARE22_ORGANS:
+            row = {"organ": organ.name}
+            for r in rows:
+                if "dice" in r:
+                    row[r["impl"]] = r["dice"][organ.label]
+            organ_rows.append(row)
+        print(table(organ_rows, [("organ", "organ")] + [(r["impl"], r["impl"]) for r in rows if "dice" in r]))
+    (case / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------- (b) (d) end to end
+def prepare_e2e(work: Path, name: str, shape_zyx, spacing_zyx, plans_spacing, patch, architecture,
+                dataset_name: str) -> tuple[Path, Path, dict]:
+    """A results folder with one random-weight fold and an input folder with one phantom CT."""
+    from noisy_student_nnunet.phantoms import make_phantom
+
+    root = work / name
+    results = root / "results"
+    plans = mf.make_plans(plans_spacing, patch, architecture, dataset_name=dataset_name)
+    model = results / dataset_name / f"nnUNetTrainer__nnUNetPlans__{mf.CONFIGURATION}"
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        mf.results_model_folder(results, plans)
+    inputs = root / "in"
+    image = inputs / "case_0000.nii.gz"
+    if not image.is_file():
+        inputs.mkdir(parents=True, exist_ok=True)
+        make_phantom(1, shape_zyx, spacing_zyx).write(image)
+    env = dict(os.environ, nnUNet_results=str(results), nnUNet_raw=str(root / "raw"),
+               nnUNet_preprocessed=str(root / "preprocessed"), nnUNet_compile="0")
+    return root, inputs, env
+
+
+def run_profiled(label: str, command: list[str], env: dict, log: Path, timeout: float | None = None) -> dict:
+    from noisy_student_nnunet.profiling import profile_command
+
+    print(f"  running {label}: {' '.join(command)}", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        # the profiler runs the command in a child; we point its stdout/stderr to the log via a shell-free wrapper
+        wrapper = [sys.executable, "-c",
+                   "import subprocess, sys; sys.exit(subprocess.call(sys.argv[2:], stdout=open(sys.argv[1], 'w'), "
+                   "stderr=subprocess.STDOUT))", str(log), *command]
+        result = profile_command(wrapper, interval=0.1, gpu=None, env=env)
+    result.write_json(log.with_suffix(".profile.json"))
+    s = result.summary()
+    ncpu = os.cpu_count() or 1
+    row = {
+        "run": label,
+        "exit": s["exit_code"],
+        "wall_s": s["wall_time_s"],
+        "peak_rss_gb": (s["peak_rss_tree_mb"] or 0) / 1024,
+        "peak_rss_largest_gb": (s["peak_rss_largest_process_mb"] or 0) / 1024,
+        "n_processes_max": max(result.samples["n_processes"], default=0),
+        "cpu_time_s": s["tree_cpu_time_s"],
+        "cpu_util_pct": 100.0 * (s["tree_cpu_time_s"] or 0) / max(1e-9, s["wall_time_s"]) / ncpu,
+        "gpu_peak_gb": (s["gpu_memory_peak_mb"] / 1024) if s["gpu_memory_peak_mb"] is not None else None,
+        "command": " ".join(command),
+    }
+    print(f"    {row['wall_s']:.0f} s, peak RSS {row['peak_rss_gb']:.2f} GB (largest process "
+          f"{row['peak_rss_largest_gb']:.2f} GB), CPU {row['cpu_util_pct']:.0f} % "
+          f"of {ncpu} cores, exit {row['exit']}", flush=True)
+    return row
+
+
+def e2e_runs(which: list[str], inputs: Path, root: Path, dataset_name: str, device: str) -> list[tuple]:
+    common = ["-i", str(inputs), "-d", dataset_name, "-c", mf.CONFIGURATION, "-f", "0", "-device", device,
+              "--disable_progress_bar"]
+    catalogue = {
+        "stock": ("stock nnUNetv2_predict (defaults, TTA)", [str(BIN / "nnUNetv2_predict"), *common]),
+        "stock_notta": ("stock nnUNetv2_predict --disable_tta",
+                        [str(BIN / "nnUNetv2_predict"), *common, "--disable_tta"]),
+        "ours": ("ours nnUNetv2_predict_lowfootprint (defaults: nearest)",
+                 [str(BIN / "nnUNetv2_predict_lowfootprint"), *common]),
+        "ours_linear": ("ours --export linear", [str(BIN / "nnUNetv2_predict_lowfootprint"), *common,
+                                                  "--export", "linear"]),
+    }
+    out = []
+    for key in which:
+        label, command = catalogue[key]
+        out.append((key, label, [*command, "-o", str(root / f"out_{key}")]))
+    return out
+
+
+def bench_e2e(args) -> None:
+    import SimpleITK as sitk
+
+    work = Path(args.workdir)
+    shape = (args.slices, args.inplane, args.inplane)
+    spacing = (args.slice_spacing, args.pixel_spacing, args.pixel_spacing)
+    plans_spacing = (2.5, 0.8, 0.8)
+    architecture, patch = mf.half_width_architecture(plans_spacing, (40, 224, 192))
+    name = f"e2e_{'x'.join(map(str, shape))}"
+    root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture,
+                                    "Dataset980_BenchHalfWidth")
+    print(f"(b) end to end: phantom {shape} (z, y, x) at {spacing} mm; plans spacing {plans_spacing}, patch {patch}, "
+          f"half-width PlainConvUNet {architecture['arch_kwargs']['features_per_stage']}, 1 fold, CPU", flush=True)
+    rows = []
+    for key, label, command in e2e_runs(args.runs, inputs, root, "Dataset980_BenchHalfWidth", "cpu"):
+        row = run_profiled(label, command, env, root / f"log_{key}.txt")
+        row["key"] = key
+        rows.append(row)
+    by = {r["key"]: r for r in rows}
+    if "stock" in by:
+        for r in rows:
+            r["speedup"] = by["stock"]["wall_s"] / r["wall_s"]
+            r["ram_ratio"] = r["peak_rss_gb"] / by["stock"]["peak_rss_gb"]
+    ref_key = "stock_notta" if "stock_notta" in by else None
+    if ref_key:
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"out_{ref_key}" / "case.nii.gz")))
+        for r in rows:
+            f = root / f"out_{r['key']}" / "case.nii.gz"
+            if r["key"] != ref_key and f.is_file():
+                r["equal_to_stock_notta"] = float((sitk.GetArrayFromImage(sitk.ReadImage(str(f))) == ref).mean())
+    print()
+    print(f"(b) end to end, image {shape} at {spacing} mm. Machine: {machine()}")
+    print(table(rows, [("run", "run"), ("wall_s", "wall time (s)"), ("speedup", "x faster than stock"),
+                       ("peak_rss_gb", "peak RSS tree (GB)"), ("ram_ratio", "RAM / stock"),
+                       ("peak_rss_largest_gb", "peak RSS largest process (GB)"),
+                       ("n_processes_max", "processes"),
+                       ("cpu_util_pct", "CPU util. (% of all cores)"), ("cpu_time_s", "CPU time (s)"),
+                       ("equal_to_stock_notta", "voxels equal to stock --disable_tta")]))
+    (root / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def bench_huge(args) -> None:
+    work = Path(args.workdir)
+    shape = (args.slices, 512, 512)
+    spacing = (1.0, 0.8, 0.8)
+    plans_spacing = (2.5, 0.8, 0.8)
+    patch = [48, 128, 128]
+    architecture = mf.tiny_architecture((4, 8, 16))
+    name = f"huge_{'x'.join(map(str, shape))}"
+    root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture,
+                                    "Dataset981_BenchHuge")
+    print(f"(d) huge case: phantom {shape} (z, y, x) at {spacing} mm; plans spacing {plans_spacing}, patch {patch}, "
+          f"tiny PlainConvUNet [4, 8, 16], 14 classes, 1 fold, CPU", flush=True)
+    rows = []
+    for key, label, command in e2e_runs(args.runs, inputs, root, "Dataset981_BenchHuge", "cpu"):
+        row = run_profiled(label, command, env, root / f"log_{key}.txt")
+        rows.append(row)
+    print()
+    print(f"(d) huge case {shape}. Machine: {machine()}")
+    print(table(rows, [("run", "run"), ("wall_s", "wall time (s)"), ("peak_rss_gb", "peak RSS tree (GB)"),
+                       ("peak_rss_largest_gb", "peak RSS largest process (GB)"),
+                       ("cpu_util_pct", "CPU util. (% of all cores)"), ("exit", "exit code")]))
+    (root / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def bench_gpu(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("(c) GPU: no CUDA device on this machine; nothing measured. The CUDA path (fp16 autocast, logits, "
+              "argmax and resizing on the device) is exercised by this benchmark where a GPU exists.")
+        return
+    work = Path(args.workdir)
+    shape = (args.slices, args.inplane, args.inplane)
+    spacing = (args.slice_spacing, args.pixel_spacing, args.pixel_spacing)
+    plans_spacing = (2.5, 0.8, 0.8)
+    architecture, patch = mf.half_width_architecture(plans_spacing, (40, 224, 192))
+    name = f"gpu_{'x'.join(map(str, shape))}"
+    root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture,
+                                    "Dataset982_BenchGpu")
+    rows = []
+    for key, label, command in e2e_runs(args.runs, inputs, root, "Dataset982_BenchGpu", "cuda"):
+        rows.append(run_profiled(label, command, env, root / f"log_{key}.txt"))
+    print()
+    print(f"(c) GPU, image {shape} at {spacing} mm. Device: {torch.cuda.get_device_name(0)}. Machine: {machine()}")
+    print(table(rows, [("run", "run"), ("wall_s", "wall time (s)"), ("gpu_peak_gb", "peak GPU memory, device (GB)"),
+                       ("peak_rss_gb", "peak RSS tree (GB)"), ("cpu_util_pct", "CPU util. (%)")]))
+    (root / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "_export_worker":
+        print(json.dumps(export_worker(Path(argv[1]), argv[2], Path(argv[3]))))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nsn_bench_inference"))
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("export", help="(a) export only on the same logits")
+    p.add_argument("--shape", type=int, nargs=3, default=(269, 433, 523), help="image shape z y x")
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7), help="image spacing z y x (mm)")
+    p.add_argument("--plans_spacing", type=float, nargs=3, default=(2.5, 0.8, 0.8))
+    p.add_argument("--impls", nargs="+", default=["stock", "nearest", "linear"])
+    for name, default_slices in (("e2e", 240), ("gpu", 240)):
+        p = sub.add_parser(name, help="(b) end to end on CPU" if name == "e2e" else "(c) GPU end to end")
+        p.add_argument("--slices", type=int, default=default_slices)
+        p.add_argument("--inplane", type=int, default=512)
+        p.add_argument("--pixel_spacing", type=float, default=0.74)
+        p.add_argument("--slice_spacing", type=float, default=1.25)
+        p.add_argument("--runs", nargs="+", default=["stock", "stock_notta", "ours", "ours_linear"],
+                       choices=["stock", "stock_notta", "ours", "ours_linear"])
+    p = sub.add_parser("huge", help="(d) 512x512xN input, tiny network")
+    p.add_argument("--slices", type=int, default=1000)
+    p.add_argument("--runs", nargs="+", default=["ours"], choices=["stock", "stock_notta", "ours", "ours_linear"])
+    args = parser.parse_args(argv)
+    {"export": bench_export, "e2e": bench_e2e, "gpu": bench_gpu, "huge": bench_huge}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Low-footprint inference for nnU-Net v2 models (paper section 2.3) and its label-map export.
+
+- :class:`LowFootprintPredictor` (:mod:`.predictor`): a drop-in ``nnUNetPredictor``; console command
+  ``nnUNetv2_predict_lowfootprint`` (:mod:`noisy_student_nnunet.predict_cli`).
+- :mod:`.export`: logits -> label map in the original geometry, ``nearest`` or stock-equal ``linear``.
+- :mod:`.resize`: the slab-wise and label-map resampling both use (torch, CPU or CUDA).
+- :mod:`.preprocessing`: stock's preprocessing with slice-wise resampling (same array, less memory).
+"""
+
+from noisy_student_nnunet.inference.export import (
+    EXPORT_MODES,
+    export_labels_from_logits,
+    labels_in_original_geometry,
+)
+from noisy_student_nnunet.inference.predictor import FOLD_COMBINATIONS, LowFootprintPredictor
+
+__all__ = [
+    "EXPORT_MODES",
+    "FOLD_COMBINATIONS",
+    "LowFootprintPredictor",
+    "export_labels_from_logits",
+    "labels_in_original_geometry",
+]

@@ -1,0 +1,368 @@
+"""``LowFootprintPredictor``: stock nnU-Net inference with the paper's memory and time savings (section 2.3).
+
+What differs from ``nnUNetPredictor`` (everything else, including the sliding window, is inherited):
+
+- No mirroring by default (``use_mirroring=False``); fp16 autocast on CUDA is stock's.
+- Export: argmax at the network's resolution, then nearest-neighbour resampling of the label map
+  (``export_mode='nearest'``), or stock-equal linear resampling of scores slab by slab (``'linear'``); see
+  :mod:`noisy_student_nnunet.inference.export`. ``save_probabilities`` uses stock's export unchanged.
+- Folds are combined on the fly into one fp16 array that stays on the GPU when it fits
+  (``fold_combination='logits'``, stock's mean of logits) or as a mean of softmax probabilities
+  (``'softmax'``, the paper's teacher ensemble), returned as log-probabilities so the result is still a valid
+  "logits" array for every export path.
+- Preprocessing and export run in this process (threads, not processes): no copies of volumes through pipes or
+  ``multiprocessing.Manager``, no extra interpreters importing torch. Preprocessing is stock's, with a
+  slice-wise resampling that gives the same array (:mod:`noisy_student_nnunet.inference.preprocessing`).
+- Files are written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from queue import Queue
+from threading import Thread
+from typing import Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.helpers import empty_cache
+from torch._dynamo import OptimizedModule
+from tqdm import tqdm
+
+from noisy_student_nnunet.inference.export import (
+    EXPORT_MODES,
+    NEAREST,
+    export_stock_with_probabilities,
+    labels_in_original_geometry,
+    write_labels,
+)
+from noisy_student_nnunet.inference.preprocessing import preprocess_case
+
+FOLD_COMBINATIONS = ("logits", "softmax")
+
+
+def iterate_preprocessed_cases(
+    list_of_lists: Sequence[Sequence[str]],
+    seg_from_prev_stage_files: Optional[Sequence[Optional[str]]],
+    output_filenames_truncated: Optional[Sequence[str]],
+    plans_manager,
+    dataset_json: dict,
+    configuration_manager,
+    num_workers: int,
+    verbose: bool = False,
+) -> Iterator[dict]:
+    """Yield ``{'data', 'data_properties', 'ofile'}`` per case, in order (the items stock's iterators yield).
+
+    ``num_workers`` threads preprocess ahead of the consumer, at most that many cases at a time; 0 runs inline.
+    """
+    def one(i: int) -> dict:
+        data, properties = preprocess_case(
+            list_of_lists[i],
+            seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None,
+            plans_manager, configuration_manager, dataset_json, verbose,
+        )
+        return {
+            "data": torch.from_numpy(data),
+            "data_properties": properties,
+            "ofile": output_filenames_truncated[i] if output_filenames_truncated is not None else None,
+        }
+
+    n = len(list_of_lists)
+    if num_workers <= 0 or n <= 1:
+        for i in range(n):
+            yield one(i)
+        return
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="nsn-preprocess") as pool:
+        pending: deque = deque()
+        next_case = 0
+        while next_case < n or pending:
+            while next_case < n and len(pending) < num_workers:
+                pending.append(pool.submit(one, next_case))
+                next_case += 1
+            yield pending.popleft().result()
+
+
+class LowFootprintPredictor(nnUNetPredictor):
+    """Drop-in ``nnUNetPredictor`` with no TTA, fp16 storage, label-map export and on-the-fly fold averaging."""
+
+    def __init__(self,
+                 tile_step_size: float = 0.5,
+                 use_gaussian: bool = True,
+                 use_mirroring: bool = False,
+                 perform_everything_on_device: bool = True,
+                 device: torch.device = torch.device("cuda"),
+                 verbose: bool = False,
+                 verbose_preprocessing: bool = False,
+                 allow_tqdm: bool = True,
+                 export_mode: str = NEAREST,
+                 fold_combination: str = "logits",
+                 slab_bytes: int = 64 * 1024**2):
+        if export_mode not in EXPORT_MODES:
+            raise ValueError(f"export_mode must be one of {EXPORT_MODES}, got {export_mode!r}")
+        if fold_combination not in FOLD_COMBINATIONS:
+            raise ValueError(f"fold_combination must be one of {FOLD_COMBINATIONS}, got {fold_combination!r}")
+        super().__init__(tile_step_size=tile_step_size, use_gaussian=use_gaussian, use_mirroring=use_mirroring,
+                         perform_everything_on_device=perform_everything_on_device, device=device, verbose=verbose,
+                         verbose_preprocessing=verbose_preprocessing, allow_tqdm=allow_tqdm)
+        self.export_mode = export_mode
+        self.fold_combination = fold_combination
+        self.slab_bytes = int(slab_bytes)
+
+    # ------------------------------------------------------------------ prediction of logits
+    def _keep_on_device(self) -> bool:
+        return self.device.type == "cuda" and self.perform_everything_on_device
+
+    def _row_ranges(self, x: torch.Tensor) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` along X of ``x`` (C, X, ...), each slab about ``slab_bytes`` in float32."""
+        per_row = 4 * int(np.prod(x.shape)) // max(1, x.shape[1])
+        rows = max(1, self.slab_bytes // max(1, per_row))
+        for a in range(0, x.shape[1], rows):
+            yield a, min(a + rows, x.shape[1])
+
+    def _slabs(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Views of ``x`` (C, X, ...) along X, each about ``slab_bytes`` in float32."""
+        for a, b in self._row_ranges(x):
+            yield x[:, a:b]
+
+    def _to_probabilities_(self, scores: torch.Tensor) -> None:
+        """In place: logits -> probabilities (softmax, or sigmoid for regions), slab by slab."""
+        for view in self._slabs(scores):
+            view.copy_(self.label_manager.apply_inference_nonlin(view))
+
+    def _to_log_probabilities_(self, probabilities: torch.Tensor) -> None:
+        """In place: mean probabilities -> scores whose inference nonlinearity gives them back (log p / logit p)."""
+        for view in self._slabs(probabilities):
+            p = view.float().clamp_(1e-6, 1.0)
+            if self.label_manager.has_regions:
+                p = p.clamp_(max=1.0 - 1e-6)
+                view.copy_(torch.log(p) - torch.log1p(-p))
+            else:
+                view.copy_(torch.log(p))
+
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers,
+                                                       do_on_device: bool = True):
+        """Stock's sliding window (fp16 accumulator, Gaussian weights, patch producer thread), except that the
+        final division and the inf check run slab by slab: stock's whole-array ``torch.isinf`` allocates another
+        C x voxels bytes (half the logits again) at the moment memory peaks."""
+        predicted_logits = n_predictions = prediction = gaussian = workon = None
+        results_device = self.device if do_on_device else torch.device("cpu")
+
+        def producer(d, slh, q):
+            for s in slh:
+                q.put((torch.clone(d[s][None], memory_format=torch.contiguous_format).to(self.device), s))
+            q.put("end")
+
+        try:
+            empty_cache(self.device)
+            data = data.to(results_device)
+            queue = Queue(maxsize=2)
+            Thread(target=producer, args=(data, slicers, queue), daemon=True).start()
+            predicted_logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]),
+                                           dtype=torch.half, device=results_device)
+            n_predictions = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+            gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                        value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
+            with tqdm(desc=None, total=len(slicers), disable=not self.allow_tqdm) as pbar:
+                while True:
+                    item = queue.get()
+                    if item == "end":
+                        queue.task_done()
+                        break
+                    workon, sl = item
+                    prediction = self._internal_maybe_mirror_and_predict(workon)[0].to(results_device)
+                    if self.use_gaussian:
+                        prediction *= gaussian
+                    predicted_logits[sl] += prediction
+                    n_predictions[sl[1:]] += gaussian
+                    queue.task_done()
+                    pbar.update()
+            queue.join()
+            for a, b in self._row_ranges(predicted_logits):
+                view = predicted_logits[:, a:b]
+                torch.div(view, n_predictions[a:b], out=view)
+                if torch.isinf(view).any():
+                    raise RuntimeError("Encountered inf in predicted array. Aborting... If this problem persists, "
+                                       "reduce value_scaling_factor in compute_gaussian or increase the dtype of "
+                                       "predicted_logits to fp32")
+            return predicted_logits
+        except Exception:
+            del predicted_logits, n_predictions, prediction, gaussian, workon
+            empty_cache(self.device)
+            empty_cache(results_device)
+            raise
+
+    @staticmethod
+    def _accumulate(total: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
+        """``total += fold``; if the device runs out of memory, move the running sum to the CPU."""
+        try:
+            total += fold.to(total.device)
+            return total
+        except torch.OutOfMemoryError:
+            total = total.cpu()
+            total += fold.cpu()
+            return total
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """fp16 ``(C, *data.shape[1:])``: logits averaged over folds (or log of the mean softmax).
+
+        Stays on the GPU when ``perform_everything_on_device`` and the device is CUDA (falls back to the CPU when
+        memory runs out), else on the CPU. On CPU the network runs in fp32 (fp16 convolutions are far slower there)
+        and only the accumulator is fp16, as in stock's sliding window.
+        """
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(default_num_processes if default_num_processes < n_threads else n_threads)
+        try:
+            total = None
+            for params in self.list_of_parameters:
+                if not isinstance(self.network, OptimizedModule):
+                    self.network.load_state_dict(params)
+                else:
+                    self.network._orig_mod.load_state_dict(params)
+                fold = self.predict_sliding_window_return_logits(data)
+                if not self._keep_on_device():
+                    fold = fold.to("cpu")
+                if self.fold_combination == "softmax":
+                    self._to_probabilities_(fold)
+                total = fold if total is None else self._accumulate(total, fold)
+                del fold
+            if len(self.list_of_parameters) > 1:
+                total /= len(self.list_of_parameters)
+            if self.fold_combination == "softmax":
+                self._to_log_probabilities_(total)
+        finally:
+            torch.set_num_threads(n_threads)
+        if self.verbose:
+            print("Prediction done")
+        return total
+
+    # ------------------------------------------------------------------ export
+    def export_case(self, logits: torch.Tensor, properties: dict, ofile: Optional[str],
+                    save_probabilities: bool = False):
+        """Write (``ofile`` given, returns None) or return one case's label map (and probabilities if asked),
+        like stock's export functions."""
+        if save_probabilities:
+            if ofile is not None:
+                export_stock_with_probabilities(logits, properties, self.configuration_manager, self.plans_manager,
+                                                self.dataset_json, ofile)
+                return None
+            from nnunetv2.inference.export_prediction import \
+                convert_predicted_logits_to_segmentation_with_correct_shape
+            return convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits.detach().cpu().numpy(), self.plans_manager, self.configuration_manager, self.label_manager,
+                properties, return_probabilities=True)
+        labels = labels_in_original_geometry(logits, self.plans_manager, self.configuration_manager,
+                                             self.label_manager, properties, self.export_mode, self.slab_bytes)
+        if ofile is None:
+            return labels
+        write_labels(labels, ofile, self.plans_manager, self.dataset_json, properties)
+        return None
+
+    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                   num_processes_segmentation_export: int = default_num_processes):
+        """Predict every item of ``data_iterator`` (dicts with 'data', 'data_properties', 'ofile').
+
+        ``num_processes_segmentation_export`` > 0: a background thread exports case i while case i + 1 is
+        predicted (at most one export in flight, so at most two cases' logits in memory); 0: export inline.
+        """
+        results: List = []
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsn-export") \
+            if num_processes_segmentation_export > 0 else None
+        pending = None
+        try:
+            for preprocessed in data_iterator:
+                data = preprocessed.pop("data")
+                if isinstance(data, str):
+                    delfile = data
+                    data = torch.from_numpy(np.load(delfile))
+                    os.remove(delfile)
+                elif isinstance(data, np.ndarray):
+                    data = torch.from_numpy(data)
+                ofile, properties = preprocessed["ofile"], preprocessed["data_properties"]
+                del preprocessed
+                if ofile is not None:
+                    print(f"\nPredicting {os.path.basename(ofile)}:")
+                else:
+                    print(f"\nPredicting image of shape {tuple(data.shape)}:")
+                logits = self.predict_logits_from_preprocessed_data(data)
+                del data
+                if pool is None:
+                    results.append(self.export_case(logits, properties, ofile, save_probabilities))
+                else:
+                    if pending is not None:
+                        results.append(pending.result())
+                    pending = pool.submit(self.export_case, logits, properties, ofile, save_probabilities)
+                del logits
+                if ofile is not None:
+                    print(f"done with {os.path.basename(ofile)}")
+            if pending is not None:
+                results.append(pending.result())
+                pending = None
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        finish = getattr(data_iterator, "_finish", None)
+        if callable(finish):
+            finish()
+        compute_gaussian.cache_clear()
+        empty_cache(self.device)
+        return results
+
+    # ------------------------------------------------------------------ inputs
+    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, *args, **kwargs):
+        """Stock's, but a source folder is listed in this process: stock forks a pool of 12 processes for it,
+        each a copy-on-write image of this one (with the model loaded) for a moment."""
+        if isinstance(list_of_lists_or_source_folder, str):
+            from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
+            from batchgenerators.utilities.file_and_folder_operations import subfiles
+
+            folder, ending = list_of_lists_or_source_folder, self.dataset_json["file_ending"]
+            files = subfiles(folder, suffix=ending, join=False, sort=True)
+            list_of_lists_or_source_folder = [
+                create_paths_fn(folder, files, ending, case)
+                for case in get_identifiers_from_splitted_dataset_folder(folder, ending)
+            ]
+        return super()._manage_input_and_output_lists(list_of_lists_or_source_folder, *args, **kwargs)
+
+    def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists: List[List[str]],
+                                                            seg_from_prev_stage_files: Union[List[str], None],
+                                                            output_filenames_truncated: Union[List[str], None],
+                                                            num_processes: int):
+        return iterate_preprocessed_cases(input_list_of_lists, seg_from_prev_stage_files,
+                                          output_filenames_truncated, self.plans_manager, self.dataset_json,
+                                          self.configuration_manager, num_processes, self.verbose_preprocessing)
+
+    def predict_from_files_sequential(self,
+                                      list_of_lists_or_source_folder: Union[str, List[List[str]]],
+                                      output_folder_or_list_of_truncated_output_files: Union[str, None, List[str]],
+                                      save_probabilities: bool = False,
+                                      overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str = None):
+        """Stock's no-multiprocessing entry: here the same as ``predict_from_files`` with no worker threads."""
+        return self.predict_from_files(list_of_lists_or_source_folder,
+                                       output_folder_or_list_of_truncated_output_files,
+                                       save_probabilities=save_probabilities, overwrite=overwrite,
+                                       num_processes_preprocessing=0, num_processes_segmentation_export=0,
+                                       folder_with_segs_from_prev_stage=folder_with_segs_from_prev_stage)
+
+    def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict,
+                                 segmentation_previous_stage: np.ndarray = None,
+                                 output_file_truncated: str = None,
+                                 save_or_return_probabilities: bool = False):
+        """Stock's single-array entry with this predictor's logits and export."""
+        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
+        ppa = PreprocessAdapterFromNpy([input_image], [segmentation_previous_stage], [image_properties],
+                                       [output_file_truncated], self.plans_manager, self.dataset_json,
+                                       self.configuration_manager, num_threads_in_multithreaded=1,
+                                       verbose=self.verbose)
+        dct = next(ppa)
+        logits = self.predict_logits_from_preprocessed_data(dct["data"])
+        return self.export_case(logits, dct["data_properties"], output_file_truncated,
+                                save_or_return_probabilities)

@@ -1,0 +1,202 @@
+"""``nnUNetv2_predict_lowfootprint``: stock ``nnUNetv2_predict`` (2.8.1) arguments, low-footprint predictor.
+
+Stock ``nnUNetv2_predict`` hard-codes ``nnUNetPredictor``, so a different predictor needs its own command. Every
+stock argument keeps its name, default and meaning, except:
+
+- mirroring is off by default (paper section 2.3); ``--enable_tta`` turns it on, ``--disable_tta`` is accepted
+  and changes nothing;
+- ``-npp`` / ``-nps`` count threads in this process, not processes (no copies of volumes between processes);
+  ``-nps`` > 0 lets one export overlap the next case's prediction;
+- ``-num_parts`` / ``-part_id`` also apply with ``-npp 0 -nps 0``.
+
+Added: ``--export nearest|linear`` (nearest: the paper's argmax then nearest neighbour; linear: stock's labels
+at low memory) and ``--combine logits|softmax`` (how folds are averaged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from noisy_student_nnunet.errors import NsnError
+
+PROG = "nnUNetv2_predict_lowfootprint"
+
+
+def _default_int(env: str, default: int) -> int:
+    try:
+        return int(os.environ.get(env) or default)
+    except ValueError:
+        return default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="nnU-Net v2 inference with a low memory and time footprint (Koehler et al., FLARE 2022, "
+                    "section 2.3): no test-time mirroring, fp16 on CUDA, argmax at network resolution, "
+                    "nearest-neighbour resampling of the label map. Takes every nnUNetv2_predict argument.",
+    )
+    # --- stock nnUNetv2_predict arguments (nnunetv2 2.8.1 predict_entry_point), same names and defaults
+    parser.add_argument("-i", type=str, required=True,
+                        help="input folder. Remember to use the correct channel numberings for your files (_0000 "
+                             "etc). File endings must be the same as the training dataset!")
+    parser.add_argument("-o", type=str, required=True,
+                        help="Output folder. If it does not exist it will be created. Predicted segmentations will "
+                             "have the same name as their source images.")
+    parser.add_argument("-d", type=str, required=True,
+                        help="Dataset with which you would like to predict. You can specify either dataset name "
+                             "or id")
+    parser.add_argument("-p", type=str, required=False, default="nnUNetPlans",
+                        help="Plans identifier. Default: nnUNetPlans")
+    parser.add_argument("-tr", type=str, required=False, default="nnUNetTrainer",
+                        help="What nnU-Net trainer class was used for training? Default: nnUNetTrainer")
+    parser.add_argument("-c", type=str, required=True,
+                        help="nnU-Net configuration that should be used for prediction.")
+    parser.add_argument("-f", nargs="+", type=str, required=False, default=(0, 1, 2, 3, 4),
+                        help="Folds of the trained model to use. Default: (0, 1, 2, 3, 4)")
+    parser.add_argument("-step_size", type=float, required=False, default=0.5,
+                        help="Step size for sliding window prediction. Default: 0.5. Cannot be larger than 1.")
+    parser.add_argument("--disable_tta", action="store_true", required=False, default=False,
+                        help="Accepted for compatibility with nnUNetv2_predict; mirroring is already off here "
+                             "(see --enable_tta).")
+    parser.add_argument("--verbose", action="store_true", help="Print more.")
+    parser.add_argument("--save_probabilities", action="store_true",
+                        help='Also export class "probabilities" (.npz + .pkl), with stock nnU-Net\'s export '
+                             "(and its memory use).")
+    parser.add_argument("--continue_prediction", action="store_true",
+                        help="Continue an aborted previous prediction (will not overwrite existing files)")
+    parser.add_argument("-chk", type=str, required=False, default="checkpoint_final.pth",
+                        help="Name of the checkpoint you want to use. Default: checkpoint_final.pth")
+    parser.add_argument("-npp", type=int, required=False, default=_default_int("nnUNet_npp", 3),
+                        help="Number of preprocessing workers (threads here; 0 = inline). Default: 3")
+    parser.add_argument("-nps", type=int, required=False, default=_default_int("nnUNet_nps", 3),
+                        help="Segmentation export: 0 = inline, > 0 = one background thread that overlaps the next "
+                             "case's prediction. Default: 3")
+    parser.add_argument("-prev_stage_predictions", type=str, required=False, default=None,
+                        help="Folder containing the predictions of the previous stage. Required for cascaded "
+                             "models.")
+    parser.add_argument("-num_parts", type=int, required=False, default=1,
+                        help="Number of separate calls that share the input folder. Default: 1")
+    parser.add_argument("-part_id", type=int, required=False, default=0,
+                        help="Which of the -num_parts calls this is (0 .. num_parts - 1).")
+    parser.add_argument("-device", type=str, default="cuda", required=False,
+                        help="'cuda' (GPU), 'cpu' or 'mps'. Use CUDA_VISIBLE_DEVICES to pick a GPU. Default: cuda")
+    parser.add_argument("--disable_progress_bar", action="store_true", required=False, default=False,
+                        help="Disable progress bars.")
+    parser.add_argument("--not_on_device", action="store_true", required=False, default=False,
+                        help="Keep the sliding-window results on the CPU even with a GPU (for cases too large for "
+                             "its memory).")
+    # --- additions
+    parser.add_argument("--enable_tta", action="store_true", default=False,
+                        help="Turn test-time mirroring on (stock nnU-Net's default; 2^3 = 8 network passes per "
+                             "patch in 3D).")
+    parser.add_argument("--export", choices=("nearest", "linear"), default="nearest",
+                        help="nearest: argmax at network resolution, then nearest-neighbour resampling of the label "
+                             "map (paper, fastest). linear: stock nnU-Net's labels (linear resampling of class "
+                             "scores, then argmax), computed slab by slab at low memory. Default: nearest")
+    parser.add_argument("--combine", choices=("logits", "softmax"), default="logits",
+                        help="How folds are averaged: logits (stock) or softmax probabilities. Default: logits")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not os.path.isdir(args.i):
+        raise NsnError(f"-i {args.i}: input folder not found")
+    if args.enable_tta and args.disable_tta:
+        raise NsnError("--enable_tta and --disable_tta contradict each other; give one")
+    if not 0 < args.step_size <= 1:
+        raise NsnError(f"-step_size {args.step_size}: must be in (0, 1]")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise NsnError(f"-part_id {args.part_id}: must be in 0 .. {args.num_parts - 1} (-num_parts {args.num_parts})")
+    if args.device not in ("cpu", "cuda", "mps"):
+        raise NsnError(f"-device {args.device}: must be cpu, cuda or mps")
+    if args.npp < 0 or args.nps < 0:
+        raise NsnError("-npp and -nps must be >= 0")
+    if args.prev_stage_predictions is not None and not os.path.isdir(args.prev_stage_predictions):
+        raise NsnError(f"-prev_stage_predictions {args.prev_stage_predictions}: folder not found")
+
+
+def _model_folder(args: argparse.Namespace) -> str:
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    if not os.environ.get("nnUNet_results"):
+        raise NsnError("environment variable nnUNet_results is not set (it locates the model for -d/-tr/-p/-c)")
+    try:
+        folder = get_output_folder(args.d, args.tr, args.p, args.c)
+    except (RuntimeError, ValueError) as error:
+        raise NsnError(f"-d {args.d}: {str(error).splitlines()[0]}") from None
+    if not os.path.isdir(folder):
+        raise NsnError(f"model folder not found: {folder} (check -d, -tr, -p, -c)")
+    for fold in args.f:
+        checkpoint = os.path.join(folder, f"fold_{fold}", args.chk)
+        if not os.path.isfile(checkpoint):
+            raise NsnError(f"-f {fold}: checkpoint not found: {checkpoint}")
+    return folder
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    args.f = [f if f == "all" else int(f) for f in args.f]
+    model_folder = _model_folder(args)
+
+    import multiprocessing
+
+    import torch
+
+    from noisy_student_nnunet.inference import LowFootprintPredictor
+
+    if args.device == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+        device = torch.device("cpu")
+    elif args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise NsnError("-device cuda: no CUDA device is available; use -device cpu")
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+        device = torch.device("cuda")
+    else:
+        device = torch.device("mps")
+
+    os.makedirs(args.o, exist_ok=True)
+    predictor = LowFootprintPredictor(
+        tile_step_size=args.step_size,
+        use_gaussian=True,
+        use_mirroring=args.enable_tta,
+        perform_everything_on_device=not args.not_on_device,
+        device=device,
+        verbose=args.verbose,
+        verbose_preprocessing=args.verbose,
+        allow_tqdm=not args.disable_progress_bar,
+        export_mode=args.export,
+        fold_combination=args.combine,
+    )
+    predictor.initialize_from_trained_model_folder(model_folder, args.f, checkpoint_name=args.chk)
+    predictor.predict_from_files(
+        args.i, args.o,
+        save_probabilities=args.save_probabilities,
+        overwrite=not args.continue_prediction,
+        num_processes_preprocessing=args.npp,
+        num_processes_segmentation_export=args.nps,
+        folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except NsnError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
