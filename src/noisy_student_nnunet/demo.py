@@ -99,7 +99,7 @@ def predict_and_score(model: DemoModel, dataset_id: int, images: Path, labels: P
             raise NsnError(f"prediction with {model.title} failed (exit {result.exit_code}): {' '.join(cmd)}")
         result.write_json(profile_json)
         result.plot(out / "profile.png")
-    profile = json.loads(profile_json.read_text())["summary"]
+    profile = json.loads(profile_json.read_text())
     evaluation = evaluate_folders(labels, predictions, resolve_labels(str(dataset_json), 1.0), progress=False)
     return ModelScore(model, evaluation.summary(), profile["wall_time_s"], profile["peak_rss_tree_mb"])
 
