@@ -1,0 +1,53 @@
+"""``nsn demo``'s own pieces (the chain it runs is covered by test_pipeline.py): best fold, the table, its env."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from noisy_student_nnunet.demo import DemoModel, ModelScore, best_fold, demo_environment, format_table
+from noisy_student_nnunet.errors import NsnError
+
+
+def _summary(folder: Path, fold: str, dice: float) -> None:
+    path = folder / f"fold_{fold}" / "validation" / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"foreground_mean": {"Dice": dice}}))
+
+
+def test_best_fold_is_the_highest_cross_validation_dice(tmp_path):
+    _summary(tmp_path, "0", 0.41)
+    _summary(tmp_path, "1", 0.57)
+    _summary(tmp_path, "2", 0.50)
+    assert best_fold(tmp_path, ("0", "1", "2")) == "1"
+    with pytest.raises(NsnError, match="fold 3"):
+        best_fold(tmp_path, ("0", "3"))
+
+
+def _score(title: str, liver: float, seconds: float, ram: float | None) -> ModelScore:
+    entry = lambda d: {"DSC": {"mean": d, "std": 0.0}, "NSD": {"mean": d / 2, "std": 0.0}}  # noqa: E731
+    summary = {"per_structure": {"Liver": entry(liver), "Spleen": entry(0.0)}, "overall": entry(liver / 2)}
+    return ModelScore(DemoModel(title, "T", ("0",)), summary, seconds, ram)
+
+
+def test_table_has_every_model_organ_mean_time_and_ram():
+    table = format_table([_score("teacher fold 0", 0.75, 9.5, 1077.0), _score("student fold 1", 0.8125, 10.0, None)])
+    lines = table.splitlines()
+    assert "teacher fold 0" in lines[0] and "student fold 1" in lines[0]
+    liver = next(line for line in lines if line.startswith("Liver")).split()
+    assert liver[1:] == ["0.7500", "0.3750", "0.8125", "0.4062"]
+    mean = next(line for line in lines if line.startswith("mean")).split()
+    assert mean[1:] == ["0.3750", "0.1875", "0.4062", "0.2031"]
+    assert next(line for line in lines if line.startswith("prediction time")).split()[-2:] == ["9.5", "10.0"]
+    assert next(line for line in lines if line.startswith("peak RAM")).split()[-2:] == ["1077", "n/a"]
+
+
+def test_environment_keeps_everything_inside_the_work_folder(tmp_path):
+    env = demo_environment(tmp_path, base={"NSN_RECIPE": "x.json", "nnUNet_raw": "/elsewhere", "PATH": "/usr/bin"})
+    assert env["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")
+    assert env["nnUNet_results"] == str(tmp_path / "nnUNet_results")
+    assert "NSN_RECIPE" not in env  # the demo's recipe comes from its plans, not from the user's shell
+    assert env["nnUNet_n_proc_DA"] == "0" and env["nnUNet_def_n_proc"] == "1"
+    assert env["PATH"].endswith("/usr/bin")
