@@ -25,6 +25,10 @@
 #   # after the array (sbatch --dependency=afterok:JOBID): nsn pseudolabel ... -o NAME --finalize
 set -euo pipefail
 
+# Everything runs inside main(), which bash parses completely before running it: editing this file while a
+# pipeline runs (or pulling a new version) cannot change what the running pipeline does.
+main() {
+
 DATASET="" UNLABELED="" TEST_IMAGES="" TEST_LABELS="" RECIPE="flare22" FOLDS="0 1 2 3 4" PSEUDO=""
 WORK="" GPUS="" DEVICE="cuda" ROUNDS=1 PLANS="nnUNetLowFootprintPlans" CONFIG="3d_fullres"
 while getopts "d:u:t:l:r:f:o:w:g:D:R:p:h" opt; do
@@ -32,7 +36,7 @@ while getopts "d:u:t:l:r:f:o:w:g:D:R:p:h" opt; do
     d) DATASET="$OPTARG" ;; u) UNLABELED="$OPTARG" ;; t) TEST_IMAGES="$OPTARG" ;; l) TEST_LABELS="$OPTARG" ;;
     r) RECIPE="$OPTARG" ;; f) FOLDS="$OPTARG" ;; o) PSEUDO="$OPTARG" ;; w) WORK="$OPTARG" ;;
     g) GPUS="$OPTARG" ;; D) DEVICE="$OPTARG" ;; R) ROUNDS="$OPTARG" ;; p) PLANS="$OPTARG" ;;
-    h) sed -n '2,30p' "$0"; exit 0 ;;
+    h) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run_pipeline.sh: unknown option; see -h" >&2; exit 2 ;;
   esac
 done
@@ -86,14 +90,8 @@ train_folds() {
 
 # best_fold TRAINER: the fold with the highest cross-validation foreground Dice.
 best_fold() {
-  "$PYTHON" - "$(results_dir "$1")" "${FOLD_LIST[@]}" <<'PY'
-import json, sys
-from pathlib import Path
-folder, folds = Path(sys.argv[1]), sys.argv[2:]
-scores = {f: json.loads((folder / f"fold_{f}" / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
-          for f in folds}
-print(max(scores, key=scores.get))
-PY
+  "$PYTHON" -c 'import sys; from pathlib import Path; from noisy_student_nnunet.demo import best_fold
+print(best_fold(Path(sys.argv[1]), tuple(sys.argv[2:])))' "$(results_dir "$1")" "${FOLD_LIST[@]}"
 }
 
 # --- 1. plans --------------------------------------------------------------------------------------
@@ -167,3 +165,6 @@ if [ -n "$TEST_IMAGES" ]; then
   fi
 fi
 echo "[$(date +%H:%M:%S)] pipeline complete: $WORK" | tee -a "$LOGS/pipeline.log"
+}
+
+main "$@"
