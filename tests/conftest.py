@@ -18,7 +18,12 @@ from typing import Callable, Sequence
 import pytest
 
 BIN = Path(sys.executable).parent
+# Every dataset id the session-wide nnUNet_raw/nnUNet_preprocessed folders hold. nnU-Net refuses an id with two
+# names ("More than one dataset name found"), so each test module takes its ids from here, never a literal.
 PHANTOM_ID = 911
+STUDENT_PSEUDO_ID = 912  # test_student: a second "Phantoms" dataset, case identifiers equal to the labeled ones
+STUDENT_IGNORE_ID = 913  # test_student: the pseudo dataset with an "ignore" label
+PIPELINE_PSEUDO_ID = 914  # test_pipeline: run_pipeline.sh's pseudo-labeled dataset
 PHANTOM_NAME = "Phantoms"
 LOWFOOTPRINT_PLANS = "nnUNetLowFootprintPlans"
 # Variables of ours or nnU-Net's that a developer's shell may set and that would leak into tests.

@@ -19,12 +19,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import PHANTOM_NAME, subprocess_env
+from conftest import PHANTOM_NAME, PIPELINE_PSEUDO_ID, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_pipeline.sh"
 PLANS = "nnUNetLowFootprintPlansPipeline"
-PSEUDO_ID, PSEUDO_NAME = 913, "Dataset913_PipelinePseudo"
+PSEUDO_ID, PSEUDO_NAME = PIPELINE_PSEUDO_ID, f"Dataset{PIPELINE_PSEUDO_ID:03d}_PipelinePseudo"
 FOLDS = ("0", "1")
 TRAINERS = ("NoisyStudentTeacherTrainer", "NoisyStudentTrainer")
 

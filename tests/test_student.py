@@ -25,6 +25,8 @@ from noisy_student_nnunet.data import (LABELED, PSEUDO, MixedBatchLoader, MixedD
                                        global_slots, rank_batch_sizes, rank_composition, split_key)
 from noisy_student_nnunet.errors import NsnError
 
+from conftest import STUDENT_IGNORE_ID, STUDENT_PSEUDO_ID
+
 SHAPE = (12, 40, 40)
 PATCH = (8, 16, 16)
 FG = (slice(5, 7), slice(30, 33), slice(30, 33))  # small foreground: random patches often miss it
@@ -363,7 +365,7 @@ def test_pseudo_dataset_errors_name_the_problem(nnunet_dirs, monkeypatch, break_
 # --- the trainer on phantoms ------------------------------------------------------------------------------
 
 TRAINER = "NoisyStudentTrainer"
-PSEUDO_ID = 912  # a second phantom dataset named "Phantoms" too: its case identifiers equal the labeled ones
+PSEUDO_ID = STUDENT_PSEUDO_ID  # a second phantom dataset named "Phantoms" too: its case identifiers equal the labeled ones
 
 #: paper, Table 5 (rotation/scaling p_sample 0.2: stock nnU-Net's, the tables give none)
 TABLE_5 = {
@@ -526,13 +528,13 @@ def test_trainer_uses_an_ignore_label_of_the_pseudo_labels(student_env, lowfootp
     from noisy_student_nnunet.trainers import NoisyStudentTrainer
 
     pre = Path(os.environ["nnUNet_preprocessed"])
-    ignored = pre / "Dataset913_PhantomsIgnore"
+    ignored = pre / f"Dataset{STUDENT_IGNORE_ID:03d}_PhantomsIgnore"
     if not ignored.exists():
         shutil.copytree(pre / student_env, ignored)
         dataset_json = json.loads((ignored / "dataset.json").read_text())
         dataset_json["labels"]["ignore"] = max(dataset_json["labels"].values()) + 1
         (ignored / "dataset.json").write_text(json.dumps(dataset_json))
-    monkeypatch.setenv("NSN_PSEUDO_DATASET", "913")
+    monkeypatch.setenv("NSN_PSEUDO_DATASET", str(STUDENT_IGNORE_ID))
     trainer = make_trainer(NoisyStudentTrainer, lowfootprint_plans, 2)
     trainer.initialize()
     assert trainer.label_manager.ignore_label is None
