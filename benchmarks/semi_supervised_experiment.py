@@ -1,8 +1,8 @@
 """Does the noisy student help? The paper's claim, tested in kind on phantoms, on the CPU.
 
 For each seed: a fresh phantom dataset with few labeled cases and many unlabeled ones, the whole chain
-(``nsn demo``'s machinery: two teacher folds, pseudo-labels by their ensemble, two student folds, the
-best student fine-tuned), every stage scored on held-out test phantoms (FLARE22 DSC/NSD). Prints
+(``nsn demo``'s machinery: two teacher folds, pseudo-labels by their ensemble, the student on fold 0
+(``--student-folds``: more, of which the best by cross-validation is fine-tuned), then fine-tuned), every stage scored on held-out test phantoms (FLARE22 DSC/NSD). Prints
 mean and std over seeds of the mean DSC/NSD of each stage and the student's gain over one teacher.
 
     python benchmarks/semi_supervised_experiment.py --seeds 0 1 2 --labeled 6 --unlabeled 24 --test 8
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--unlabeled", type=int, default=24)
     parser.add_argument("--test", type=int, default=8)
     parser.add_argument("--recipe", default="demo")
+    parser.add_argument("--student-folds", nargs="+", default=["0"],
+                        help="student folds (default 0, the fold of the teacher it is compared with)")
     args = parser.parse_args()
     if args.labeled < 5:
         parser.error("--labeled must be at least 5: nnU-Net splits the labeled cases into 5 folds")
@@ -64,7 +66,7 @@ def main() -> None:
     for seed in args.seeds:
         scores = run_demo(args.work / f"seed{seed}", dataset_id=700 + 2 * seed, recipe=args.recipe,
                           num_labeled=args.labeled, num_unlabeled=args.unlabeled, num_test=args.test,
-                          folds=("0", "1"), seed=seed)
+                          folds=("0", "1"), seed=seed, student_folds=tuple(args.student_folds))
         quality = pseudo_label_quality(args.work / f"seed{seed}", 700 + 2 * seed)
         entry = per_stage.setdefault("pseudo-labels", {"DSC": [], "NSD": []})
         entry["DSC"].append(quality["overall"]["DSC"]["mean"])

@@ -49,5 +49,5 @@ def test_environment_keeps_everything_inside_the_work_folder(tmp_path):
     assert env["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")
     assert env["nnUNet_results"] == str(tmp_path / "nnUNet_results")
     assert "NSN_RECIPE" not in env  # the demo's recipe comes from its plans, not from the user's shell
-    assert env["nnUNet_n_proc_DA"] == "0" and env["nnUNet_def_n_proc"] == "1"
+    assert env["nnUNet_n_proc_DA"] == "1" and env["nnUNet_def_n_proc"] == "1"
     assert env["PATH"].endswith("/usr/bin")

@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_pipeline.sh"
 PLANS = "nnUNetLowFootprintPlansPipeline"
 PSEUDO_ID, PSEUDO_NAME = PIPELINE_PSEUDO_ID, f"Dataset{PIPELINE_PSEUDO_ID:03d}_PipelinePseudo"
-FOLDS = ("0", "1")
-TRAINERS = ("NoisyStudentTeacherTrainer", "NoisyStudentTrainer")
+# students on other folds than the teachers (-s): fold 1 gets no student, fold 2 no teacher
+FOLDS_OF = {"NoisyStudentTeacherTrainer": ("0", "1"), "NoisyStudentTrainer": ("0", "2")}
+TRAINERS = tuple(FOLDS_OF)
 
 
 def _env(nnunet_env: dict[str, str]) -> dict[str, str]:
@@ -46,7 +47,8 @@ def pipeline_run(phantom_dataset, lowfootprint_plans, nnunet_env, tmp_path_facto
     dataset_id, raw = phantom_dataset
     work = tmp_path_factory.mktemp("pipeline_work")
     args = ["-d", str(dataset_id), "-u", str(raw / "imagesUnlabeled"), "-t", str(raw / "imagesTs"),
-            "-l", str(raw / "labelsTs"), "-r", "tiny", "-f", " ".join(FOLDS), "-D", "cpu", "-p", PLANS,
+            "-l", str(raw / "labelsTs"), "-r", "tiny", "-f", " ".join(FOLDS_OF["NoisyStudentTeacherTrainer"]),
+            "-s", " ".join(FOLDS_OF["NoisyStudentTrainer"]), "-D", "cpu", "-p", PLANS,
             "-o", PSEUDO_NAME, "-w", str(work)]
     env = _env(nnunet_env)
     done = _run(args, env)
@@ -69,11 +71,13 @@ def test_every_stage_leaves_its_outputs(pipeline_run, phantom_dataset, nnunet_en
     assert plans["noisy_student_recipe"]["student"]["pseudo_dataset"] in (PSEUDO_NAME, str(PSEUDO_ID))
 
     # 2. teachers and 4. students: every fold trained to the end and validated by nnU-Net
-    for trainer in TRAINERS:
-        for fold in FOLDS:
+    for trainer, folds in FOLDS_OF.items():
+        for fold in folds:
             folder = results / f"{trainer}__{PLANS}__3d_fullres" / f"fold_{fold}"
             assert (folder / "checkpoint_final.pth").is_file(), folder
             assert (folder / "validation" / "summary.json").is_file(), folder
+        others = {"0", "1", "2"} - set(folds)
+        assert not any((results / f"{trainer}__{PLANS}__3d_fullres" / f"fold_{f}").exists() for f in others)
     # the students really trained on the pseudo-labeled dataset
     student_logs = list((results / f"NoisyStudentTrainer__{PLANS}__3d_fullres" / "fold_0").glob("training_log_*.txt"))
     assert any(f"pseudo-labeled dataset: {PSEUDO_NAME}" in log.read_text() for log in student_logs)
@@ -94,7 +98,7 @@ def test_every_stage_leaves_its_outputs(pipeline_run, phantom_dataset, nnunet_en
     assert len(best) == 1
     fold = best[0].rsplit(" ", 1)[1]
     scores = {f: json.loads((results / f"NoisyStudentTrainer__{PLANS}__3d_fullres" / f"fold_{f}" / "validation" /
-                             "summary.json").read_text())["foreground_mean"]["Dice"] for f in FOLDS}
+                             "summary.json").read_text())["foreground_mean"]["Dice"] for f in FOLDS_OF[TRAINERS[1]]}
     assert scores[fold] == max(scores.values())
     assert (results / f"NoisyStudentFinetuneTrainer__{PLANS}__3d_fullres" / f"fold_{fold}" /
             "checkpoint_final.pth").is_file()
@@ -120,7 +124,7 @@ def test_every_stage_leaves_its_outputs(pipeline_run, phantom_dataset, nnunet_en
     # every step logged to its own file
     logs = {p.name for p in (work / "logs").glob("*.log")}
     assert {"plan.log", "pseudolabel_round1.log", "predict.log", "evaluate.log", "pipeline.log"} <= logs
-    assert {f"train_{t}_fold{f}.log" for t in TRAINERS for f in FOLDS} <= logs
+    assert {f"train_{t}_fold{f}.log" for t, folds in FOLDS_OF.items() for f in folds} <= logs
     assert "pipeline complete" in done.stdout
 
 
@@ -130,7 +134,7 @@ def test_rerun_skips_finished_steps(pipeline_run):
     assert done.returncode == 0, done.stderr[-3000:]
     skipped = {line.split("]", 1)[1].split(":", 1)[0].strip() for line in done.stdout.splitlines()
                if "done already, skipped" in line}
-    trained = {f"train_{t}_fold{f}" for t in TRAINERS for f in FOLDS}
+    trained = {f"train_{t}_fold{f}" for t, folds in FOLDS_OF.items() for f in folds}
     assert {"plan", "predict"} | trained <= skipped
     assert any(s.startswith("finetune_round1_fold") for s in skipped)
     assert not any(line.split("]", 1)[1].lstrip().startswith("train_") for line in done.stdout.splitlines()
@@ -154,3 +158,6 @@ def test_bad_arguments_are_one_line_errors(nnunet_env, tmp_path):
     done = _run(["-d", "911", "-u", str(tmp_path / "missing")], env, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "missing" in done.stderr
+    done = _run(["-d", "911", "-u", str(tmp_path), "-s", " "], env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "-s need at least one fold" in done.stderr

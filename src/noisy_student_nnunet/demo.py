@@ -45,9 +45,10 @@ def demo_environment(work: Path, base: dict[str, str] | None = None) -> dict[str
     env = dict(os.environ if base is None else base)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[var] = str(work / var)
-    # augmentation in the training process: on a few cores, background workers and torch's threads
-    # oversubscribe the CPU (measured 3x slower per iteration on 2 cores)
-    env.setdefault("nnUNet_n_proc_DA", "0")
+    # one background augmentation worker: it overlaps with the training step (2 cores: 2.7 s per demo epoch
+    # against 3.5 s with augmentation in the training process); nnU-Net's default of 12 workers
+    # oversubscribes 2 cores (3x slower per iteration)
+    env.setdefault("nnUNet_n_proc_DA", "1")
     env.setdefault("nnUNet_compile", "0")
     # nnU-Net's end-of-training validation spawns this many export workers, each importing torch: on 2 cores
     # the default 8 took 50 s per fold for 2 small cases, 1 took 11 s
@@ -130,8 +131,13 @@ def format_table(scores: list[ModelScore]) -> str:
 
 
 def run_demo(work: Path, dataset_id: int = 990, recipe: str = "demo", num_labeled: int = 8, num_unlabeled: int = 24,
-             num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0) -> list[ModelScore]:
-    """Make phantoms, run the pipeline, predict with every stage's model; print and write the table."""
+             num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0,
+             student_folds: tuple[str, ...] | None = None) -> list[ModelScore]:
+    """Make phantoms, run the pipeline, predict with every stage's model; print and write the table.
+
+    ``folds`` are the teacher folds (two at least, for the ensemble); ``student_folds`` default to them.
+    """
+    student_folds = tuple(student_folds or folds)
     from noisy_student_nnunet.phantoms import write_phantom_dataset
 
     work = work.resolve()
@@ -153,11 +159,12 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str = "demo", num_labele
     print("[2/4] pipeline: plan, teachers, pseudo-labels, student, fine-tune, predict, evaluate", flush=True)
     _stream(["bash", str(PIPELINE_SCRIPT), "-d", str(dataset_id), "-u", str(dataset / "imagesUnlabeled"),
              "-t", str(dataset / "imagesTs"), "-l", str(dataset / "labelsTs"), "-r", recipe, "-f", " ".join(folds),
+             "-s", " ".join(student_folds),
              "-D", "cpu", "-w", str(pipeline_work), "-o", f"Dataset{dataset_id + 1:03d}_DemoPseudo"],
             env, work / "demo.log")
 
     results = Path(env["nnUNet_results"]) / dataset.name
-    best = best_fold(results / f"NoisyStudentTrainer__{PLANS}__{CONFIGURATION}", folds)
+    best = best_fold(results / f"NoisyStudentTrainer__{PLANS}__{CONFIGURATION}", student_folds)
     models = [
         DemoModel("teacher fold 0", "NoisyStudentTeacherTrainer", (folds[0],)),
         DemoModel("teacher ensemble", "NoisyStudentTeacherTrainer", folds),

@@ -22,7 +22,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-n", "--num-labeled", type=int, default=8)
     parser.add_argument("-u", "--num-unlabeled", type=int, default=24)
     parser.add_argument("-t", "--num-test", type=int, default=8)
-    parser.add_argument("-f", "--folds", nargs="+", default=["0", "1"], help="teacher/student folds (default 0 1)")
+    parser.add_argument("-f", "--folds", nargs="+", default=["0", "1"],
+                        help="teacher folds, two at least for the ensemble (default 0 1)")
+    parser.add_argument("-s", "--student-folds", nargs="+", default=["0"],
+                        help="student folds; the best by cross-validation is fine-tuned (default 0: one student "
+                             "fold keeps the demo within 20 minutes on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
@@ -31,8 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from noisy_student_nnunet.demo import run_demo
     from noisy_student_nnunet.errors import NsnError
 
-    if min(args.num_labeled, args.num_unlabeled, args.num_test) < 1 or args.num_labeled < len(args.folds):
-        raise NsnError("--num-labeled, --num-unlabeled and --num-test must be >= 1, and --num-labeled >= folds")
+    if min(args.num_labeled, args.num_unlabeled, args.num_test) < 1:
+        raise NsnError("--num-labeled, --num-unlabeled and --num-test must be >= 1")
+    if args.num_labeled < 5:
+        raise NsnError(f"--num-labeled must be at least 5 (nnU-Net splits the labeled cases into 5 folds), "
+                       f"got {args.num_labeled}")
+    if len(args.folds) < 2:
+        raise NsnError("--folds needs two teacher folds at least: the demo compares one fold with their ensemble")
     run_demo(args.work, args.dataset_id, args.recipe, args.num_labeled, args.num_unlabeled, args.num_test,
-             tuple(args.folds), args.seed)
+             tuple(args.folds), args.seed, tuple(args.student_folds))
     return 0

@@ -8,7 +8,8 @@
 #   -t DIR           test images to predict (optional)
 #   -l DIR           reference labels of the test images (optional; enables evaluation)
 #   -r RECIPE        recipe name or file (default: flare22)
-#   -f "0 1 2 3 4"   folds (default: all five)
+#   -f "0 1 2 3 4"   teacher folds (default: all five)
+#   -s "0 1 2 3 4"   student folds, of which the best by cross-validation is fine-tuned (default: the teacher folds)
 #   -o NAME_OR_ID    pseudo-labeled dataset (default: next free id)
 #   -w DIR           work folder for predictions, logs, profiles (default: $nnUNet_results/noisy_student_pipeline/DatasetID)
 #   -g "0 1"         GPU ids: folds and pseudo-label parts run one process per GPU (default: sequential)
@@ -29,18 +30,21 @@ set -euo pipefail
 # pipeline runs (or pulling a new version) cannot change what the running pipeline does.
 main() {
 
-DATASET="" UNLABELED="" TEST_IMAGES="" TEST_LABELS="" RECIPE="flare22" FOLDS="0 1 2 3 4" PSEUDO=""
+DATASET="" UNLABELED="" TEST_IMAGES="" TEST_LABELS="" RECIPE="flare22" FOLDS="0 1 2 3 4" STUDENT_FOLDS="" PSEUDO=""
 WORK="" GPUS="" DEVICE="cuda" ROUNDS=1 PLANS="nnUNetLowFootprintPlans" CONFIG="3d_fullres"
-while getopts "d:u:t:l:r:f:o:w:g:D:R:p:h" opt; do
+while getopts "d:u:t:l:r:f:s:o:w:g:D:R:p:h" opt; do
   case "$opt" in
     d) DATASET="$OPTARG" ;; u) UNLABELED="$OPTARG" ;; t) TEST_IMAGES="$OPTARG" ;; l) TEST_LABELS="$OPTARG" ;;
-    r) RECIPE="$OPTARG" ;; f) FOLDS="$OPTARG" ;; o) PSEUDO="$OPTARG" ;; w) WORK="$OPTARG" ;;
+    r) RECIPE="$OPTARG" ;; f) FOLDS="$OPTARG" ;; s) STUDENT_FOLDS="$OPTARG" ;; o) PSEUDO="$OPTARG" ;; w) WORK="$OPTARG" ;;
     g) GPUS="$OPTARG" ;; D) DEVICE="$OPTARG" ;; R) ROUNDS="$OPTARG" ;; p) PLANS="$OPTARG" ;;
     h) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run_pipeline.sh: unknown option; see -h" >&2; exit 2 ;;
   esac
 done
 [ -n "$DATASET" ] || { echo "run_pipeline.sh: -d DATASET_ID is required" >&2; exit 2; }
+read -r -a TEACHER_FOLD_LIST <<< "$FOLDS"
+read -r -a STUDENT_FOLD_LIST <<< "${STUDENT_FOLDS:-$FOLDS}"
+[ ${#TEACHER_FOLD_LIST[@]} -gt 0 ] && [ ${#STUDENT_FOLD_LIST[@]} -gt 0 ] || { echo "run_pipeline.sh: -f and -s need at least one fold" >&2; exit 2; }
 [ -n "$UNLABELED" ] && [ -d "$UNLABELED" ] || { echo "run_pipeline.sh: -u must name a folder of unlabeled images, got '$UNLABELED'" >&2; exit 2; }
 [ -z "$TEST_IMAGES" ] || [ -d "$TEST_IMAGES" ] || { echo "run_pipeline.sh: test image folder not found: $TEST_IMAGES" >&2; exit 2; }
 for var in nnUNet_raw nnUNet_preprocessed nnUNet_results; do
@@ -52,7 +56,6 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
   || { echo "run_pipeline.sh: dataset $DATASET not found in \$nnUNet_raw or \$nnUNet_preprocessed" >&2; exit 2; }
 WORK="${WORK:-$nnUNet_results/noisy_student_pipeline/$DATASET_NAME}"
 LOGS="$WORK/logs"; mkdir -p "$LOGS"
-read -r -a FOLD_LIST <<< "$FOLDS"
 read -r -a GPU_LIST <<< "${GPUS:-}"
 
 # step NAME CMD...: run CMD with its output in LOGS/NAME.log; stop the pipeline on failure.
@@ -70,10 +73,11 @@ skip() { echo "[$(date +%H:%M:%S)] $1: done already, skipped" | tee -a "$LOGS/pi
 # results_dir TRAINER [PLANS]
 results_dir() { echo "$nnUNet_results/$DATASET_NAME/$1__${2:-$STUDENT_PLANS}__$CONFIG"; }
 
-# train_folds TRAINER: one nnUNetv2_train per fold, one process per GPU when -g is given.
+# train_folds TRAINER FOLD...: one nnUNetv2_train per fold, one process per GPU when -g is given.
 train_folds() {
   local trainer="$1" fold i=0 pids=()
-  for fold in "${FOLD_LIST[@]}"; do
+  shift
+  for fold in "$@"; do
     if [ -f "$(results_dir "$trainer")/fold_$fold/checkpoint_final.pth" ]; then skip "train_${trainer}_fold$fold"; continue; fi
     local cont=""; [ -f "$(results_dir "$trainer")/fold_$fold/checkpoint_latest.pth" ] && cont="--c"
     if [ ${#GPU_LIST[@]} -gt 0 ]; then
@@ -91,18 +95,18 @@ train_folds() {
 # best_fold TRAINER: the fold with the highest cross-validation foreground Dice.
 best_fold() {
   "$PYTHON" -c 'import sys; from pathlib import Path; from noisy_student_nnunet.demo import best_fold
-print(best_fold(Path(sys.argv[1]), tuple(sys.argv[2:])))' "$(results_dir "$1")" "${FOLD_LIST[@]}"
+print(best_fold(Path(sys.argv[1]), tuple(sys.argv[2:])))' "$(results_dir "$1")" "${STUDENT_FOLD_LIST[@]}"
 }
 
 # --- 1. plans --------------------------------------------------------------------------------------
 if [ -f "$nnUNet_preprocessed/$DATASET_NAME/$PLANS.json" ]; then skip plan
 else step plan nsn plan -d "$DATASET" --recipe "$RECIPE" --plans-name "$PLANS"; fi
 
-TEACHER=NoisyStudentTeacherTrainer TEACHER_PLANS="$PLANS" TEACHER_FOLDS=("${FOLD_LIST[@]}") STUDENT_PLANS="$PLANS"
+TEACHER=NoisyStudentTeacherTrainer TEACHER_PLANS="$PLANS" TEACHER_FOLDS=("${TEACHER_FOLD_LIST[@]}") STUDENT_PLANS="$PLANS"
 for round in $(seq 1 "$ROUNDS"); do
   if [ "$round" -eq 1 ]; then
     # --- 2. teachers ----------------------------------------------------------------------------------
-    train_folds "$TEACHER"
+    train_folds "$TEACHER" "${TEACHER_FOLD_LIST[@]}"
   else
     # later rounds: the previous fine-tuned student teaches; the new student gets plans of its own
     # (same network and preprocessed data) so that its results folder does not collide
@@ -136,7 +140,7 @@ PY
   fi
 
   # --- 4. student folds, best fold by cross-validation, fine-tune --------------------------------------
-  train_folds NoisyStudentTrainer
+  train_folds NoisyStudentTrainer "${STUDENT_FOLD_LIST[@]}"
   BEST=$(best_fold NoisyStudentTrainer)
   echo "round $round: best student fold by cross-validation: $BEST" | tee -a "$LOGS/pipeline.log"
   if [ -f "$(results_dir NoisyStudentFinetuneTrainer)/fold_$BEST/checkpoint_final.pth" ]; then skip "finetune_round${round}_fold$BEST"
