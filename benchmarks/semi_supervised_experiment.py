@@ -2,7 +2,8 @@
 
 For each seed: a fresh phantom dataset with few labeled cases and many unlabeled ones, the whole chain
 (``nsn demo``'s machinery: two teacher folds, pseudo-labels by their ensemble, the student on fold 0
-(``--student-folds``: more, of which the best by cross-validation is fine-tuned), then fine-tuned), every stage scored on held-out test phantoms (FLARE22 DSC/NSD). Prints
+(``--student-folds``: more, of which the best by cross-validation is fine-tuned), then fine-tuned), every
+stage scored on held-out test phantoms (FLARE22 DSC/NSD). Prints
 mean and std over seeds of the mean DSC/NSD of each stage and the student's gain over one teacher.
 
     python benchmarks/semi_supervised_experiment.py --seeds 0 1 2 --labeled 6 --unlabeled 24 --test 8
@@ -25,8 +26,6 @@ def pseudo_label_quality(seed_work: Path, dataset_id: int) -> dict:
 
     The unlabeled phantoms have no labels on disk; they are regenerated from ``phantoms.json`` (same seed,
     shape, spacing, body scale and dropped organs give the same phantom)."""
-    import json as _json
-
     from noisy_student_nnunet.evaluation import evaluate_folders
     from noisy_student_nnunet.phantoms import make_phantom
 
@@ -35,7 +34,7 @@ def pseudo_label_quality(seed_work: Path, dataset_id: int) -> dict:
     pseudo_labels = next(raw.glob(f"Dataset{dataset_id + 1:03d}_*")) / "labelsTr"
     truth = seed_work / "unlabeled_truth"
     truth.mkdir(exist_ok=True)
-    manifest = _json.loads((labeled / "phantoms.json").read_text())
+    manifest = json.loads((labeled / "phantoms.json").read_text())
     for case in manifest["cases"]:
         target = truth / f"{case['identifier']}.nii.gz"
         if case["split"] != "unlabeled" or target.is_file() or not (pseudo_labels / target.name).is_file():
@@ -45,6 +44,19 @@ def pseudo_label_quality(seed_work: Path, dataset_id: int) -> dict:
         phantom.write(truth / "image_0000.nii.gz", target)
     (truth / "image_0000.nii.gz").unlink(missing_ok=True)
     return evaluate_folders(truth, pseudo_labels, progress=False).summary()
+
+
+def dsc_per_organ(summary: dict) -> dict[str, float]:
+    """organ -> mean DSC over cases, from an evaluation summary."""
+    return {organ: entry["DSC"]["mean"] for organ, entry in summary["per_structure"].items()}
+
+
+def record(per_stage: dict, organs: dict, stage: str, summary: dict) -> None:
+    """Append one seed's overall DSC/NSD and per-organ DSC of ``stage``."""
+    entry = per_stage.setdefault(stage, {"DSC": [], "NSD": []})
+    entry["DSC"].append(summary["overall"]["DSC"]["mean"])
+    entry["NSD"].append(summary["overall"]["NSD"]["mean"])
+    organs.setdefault(stage, []).append(dsc_per_organ(summary))
 
 
 def main() -> None:
@@ -67,19 +79,10 @@ def main() -> None:
         scores = run_demo(args.work / f"seed{seed}", dataset_id=700 + 2 * seed, recipe=args.recipe,
                           num_labeled=args.labeled, num_unlabeled=args.unlabeled, num_test=args.test,
                           folds=("0", "1"), seed=seed, student_folds=tuple(args.student_folds))
-        quality = pseudo_label_quality(args.work / f"seed{seed}", 700 + 2 * seed)
-        entry = per_stage.setdefault("pseudo-labels", {"DSC": [], "NSD": []})
-        entry["DSC"].append(quality["overall"]["DSC"]["mean"])
-        entry["NSD"].append(quality["overall"]["NSD"]["mean"])
-        organs.setdefault("pseudo-labels", []).append(
-            {k: v["DSC"]["mean"] for k, v in quality["per_structure"].items()})
+        record(per_stage, organs, "pseudo-labels", pseudo_label_quality(args.work / f"seed{seed}", 700 + 2 * seed))
         for score in scores:
-            organs.setdefault(score.model.title.split(" fold")[0], []).append(
-                {k: v["DSC"]["mean"] for k, v in score.summary["per_structure"].items()})
-            stage = score.model.title.split(" fold")[0]  # "student fold 1" -> "student"
-            entry = per_stage.setdefault(stage, {"DSC": [], "NSD": []})
-            entry["DSC"].append(score.summary["overall"]["DSC"]["mean"])
-            entry["NSD"].append(score.summary["overall"]["NSD"]["mean"])
+            # "student fold 1" -> "student"
+            record(per_stage, organs, score.model.title.split(" fold")[0], score.summary)
 
     def mean_std(values: list[float]) -> str:
         std = statistics.pstdev(values) if len(values) > 1 else 0.0
