@@ -30,8 +30,9 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 class _Leaf:
     def __init__(self, kind: str, low: float | None = None, high: float | None = None, optional: bool = False,
-                 length: int | None = None):
+                 length: int | None = None, choices: tuple[str, ...] = ()):
         self.kind, self.low, self.high, self.optional, self.length = kind, low, high, optional, length
+        self.choices = choices
 
 
 def _p() -> _Leaf:
@@ -54,7 +55,12 @@ AUGMENTATION_SCHEMA: dict[str, Any] = {
     "mirror": {"p_sample": _p(), "p_axis": _p()},
 }
 
+#: optimisers a schedule may name: "sgd" is the paper's (Table 3: SGD, Nesterov momentum 0.99);
+#: "adamw" (momentum = beta1) learns many more organs per iteration at CPU budgets (configs/demo.json)
+OPTIMIZERS = ("sgd", "adamw")
+
 TRAINING_SCHEMA: dict[str, Any] = {
+    "optimizer": _Leaf("choice", choices=OPTIMIZERS),
     "num_epochs": _Leaf("int", 1),
     "num_iterations_per_epoch": _Leaf("int", 1),
     "num_val_iterations_per_epoch": _Leaf("int", 1),
@@ -106,6 +112,10 @@ def _check_leaf(leaf: _Leaf, value: Any, key: str) -> None:
     if kind == "str":
         if not isinstance(value, str):
             raise NsnError(f"recipe key '{key}' must be a string, got {value!r}")
+        return
+    if kind == "choice":
+        if value not in leaf.choices:
+            raise NsnError(f"recipe key '{key}' must be one of {', '.join(leaf.choices)}, got {value!r}")
         return
     if kind in ("int", "float"):
         numbers = [value]

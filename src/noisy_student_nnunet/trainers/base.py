@@ -9,6 +9,8 @@ deep-supervised Dice + CE, "he" initialisation of the PlainConvUNet from the pla
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,35 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from noisy_student_nnunet.augmentation import (build_training_transforms, configure_rotation_and_patch,
                                                describe_training_transforms)
+from noisy_student_nnunet.cpu_threads import cpu_has_native_bf16, cpu_thread_count
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.recipe import PLANS_KEY, recipe_from_plans
+
+
+def build_optimizer(parameters, schedule: dict[str, Any]) -> torch.optim.Optimizer:
+    """The schedule's optimiser: Table 3's SGD (Nesterov momentum) or AdamW (``momentum`` as beta1).
+
+    AdamW is there for short CPU schedules: on the demo phantoms SGD at lr 1e-2 spends its first
+    thousands of iterations on the largest organ, AdamW at lr 3e-3 learns most organs in that time.
+    """
+    if schedule["optimizer"] == "adamw":
+        return torch.optim.AdamW(parameters, schedule["initial_lr"], weight_decay=schedule["weight_decay"],
+                                 betas=(schedule["momentum"], 0.999))
+    return torch.optim.SGD(parameters, schedule["initial_lr"], weight_decay=schedule["weight_decay"],
+                           momentum=schedule["momentum"], nesterov=schedule["nesterov"])
+
+
+class Fp32Loss(torch.nn.Module):
+    """A loss computed in fp32 from outputs made under CPU bf16 autocast (Dice sums lose digits in bf16)."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output, target):
+        with torch.autocast("cpu", enabled=False):
+            output = [o.float() for o in output] if isinstance(output, (list, tuple)) else output.float()
+            return self.loss(output, target)
 
 
 class RecipeTrainer(nnUNetTrainer):
@@ -33,11 +62,18 @@ class RecipeTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.device.type == "cpu":
+            # stock nnUNetv2_train asked for every core of the machine; use those this process may run on
+            torch.set_num_threads(cpu_thread_count())
         self.recipe: dict[str, Any] = recipe_from_plans(plans)
         # the effective recipe (NSN_RECIPE may override the planned one) is what the results folder's
         # plans.json records: on_train_start saves self.plans_manager.plans there
         self.plans_manager.plans[PLANS_KEY] = self.recipe
         self._apply_schedule(self.recipe[self.schedule_key])
+        self._throttle_progress_plot()
+        if self.device.type == "cpu":
+            self.print_to_log_file(f"CPU training: {torch.get_num_threads()} threads, "
+                                   + ("bf16 autocast (native bf16 on this CPU)" if self.cpu_bf16 else "fp32"))
         self.print_to_log_file(f"recipe '{self.recipe['name']}': schedule '{self.schedule_key}', "
                                f"augmentation '{self.augmentation_key}'", also_print_to_console=False)
 
@@ -54,10 +90,50 @@ class RecipeTrainer(nnUNetTrainer):
         self.enable_deep_supervision = schedule["deep_supervision"]
         self.save_every = schedule["save_every"]
 
+    @property
+    def cpu_bf16(self) -> bool:
+        """bf16 autocast for training on the CPU: the recipe asks for mixed precision and the CPU has native bf16.
+
+        Stock trains in fp32 on the CPU (its fp16 autocast is CUDA-only). On AMX/AVX512-BF16 CPUs a demo
+        training step (width 8, batch 4 of 16x32x32, one thread) takes 0.11 s under bf16 autocast against
+        0.17 s in fp32. ``NSN_CPU_BF16=0`` turns it off.
+        """
+        return (self.device.type == "cpu" and self.recipe[self.schedule_key]["mixed_precision"]
+                and os.environ.get("NSN_CPU_BF16", "1") != "0" and cpu_has_native_bf16())
+
+    def _cpu_autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_bf16 else contextlib.nullcontext()
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        return Fp32Loss(loss) if self.cpu_bf16 else loss
+
+    def train_step(self, batch: dict) -> dict:
+        with self._cpu_autocast():
+            return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._cpu_autocast():
+            return super().validation_step(batch)
+
+    def _throttle_progress_plot(self) -> None:
+        """Draw progress.png when a checkpoint is saved and at the end, not after every epoch.
+
+        Stock draws it after every epoch; with the short epochs of CPU recipes matplotlib's ~0.5 s is a
+        tenth of the epoch (demo recipe: 4.4 s per epoch on 2 cores).
+        """
+        plot = self.logger.plot_progress_png
+
+        def plot_at_checkpoints(output_folder: str) -> None:
+            epoch = self.current_epoch
+            if (epoch + 1) % self.save_every == 0 or epoch >= self.num_epochs - 1:
+                plot(output_folder)
+
+        self.logger.plot_progress_png = plot_at_checkpoints
+
     def configure_optimizers(self):
         schedule = self.recipe[self.schedule_key]
-        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=schedule["momentum"], nesterov=schedule["nesterov"])
+        optimizer = build_optimizer(self.network.parameters(), schedule)
         lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=schedule["poly_exponent"])
         return optimizer, lr_scheduler
 
