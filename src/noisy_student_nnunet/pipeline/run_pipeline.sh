@@ -13,6 +13,8 @@
 #   -o NAME_OR_ID    pseudo-labeled dataset (default: next free id)
 #   -w DIR           work folder for predictions, logs, profiles (default: $nnUNet_results/noisy_student_pipeline/DatasetID)
 #   -g "0 1"         GPU ids: folds and pseudo-label parts run one process per GPU (default: sequential)
+#   -j N             CPU (-D cpu): train N folds at once, each with 1/N of the cores (default 1). Small networks
+#                    use several cores poorly: two demo teachers side by side finish sooner than one after the other
 #   -D DEVICE        cuda | cpu (default: cuda)
 #   -R N             rounds of pseudo-labeling (default 1; N > 1: the fine-tuned student becomes the next teacher)
 #   -p PLANS         plans name (default nnUNetLowFootprintPlans)
@@ -31,17 +33,18 @@ set -euo pipefail
 main() {
 
 DATASET="" UNLABELED="" TEST_IMAGES="" TEST_LABELS="" RECIPE="flare22" FOLDS="0 1 2 3 4" STUDENT_FOLDS="" PSEUDO=""
-WORK="" GPUS="" DEVICE="cuda" ROUNDS=1 PLANS="nnUNetLowFootprintPlans" CONFIG="3d_fullres"
-while getopts "d:u:t:l:r:f:s:o:w:g:D:R:p:h" opt; do
+WORK="" GPUS="" JOBS=1 DEVICE="cuda" ROUNDS=1 PLANS="nnUNetLowFootprintPlans" CONFIG="3d_fullres"
+while getopts "d:u:t:l:r:f:s:o:w:g:j:D:R:p:h" opt; do
   case "$opt" in
     d) DATASET="$OPTARG" ;; u) UNLABELED="$OPTARG" ;; t) TEST_IMAGES="$OPTARG" ;; l) TEST_LABELS="$OPTARG" ;;
     r) RECIPE="$OPTARG" ;; f) FOLDS="$OPTARG" ;; s) STUDENT_FOLDS="$OPTARG" ;; o) PSEUDO="$OPTARG" ;; w) WORK="$OPTARG" ;;
-    g) GPUS="$OPTARG" ;; D) DEVICE="$OPTARG" ;; R) ROUNDS="$OPTARG" ;; p) PLANS="$OPTARG" ;;
+    g) GPUS="$OPTARG" ;; j) JOBS="$OPTARG" ;; D) DEVICE="$OPTARG" ;; R) ROUNDS="$OPTARG" ;; p) PLANS="$OPTARG" ;;
     h) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run_pipeline.sh: unknown option; see -h" >&2; exit 2 ;;
   esac
 done
 [ -n "$DATASET" ] || { echo "run_pipeline.sh: -d DATASET_ID is required" >&2; exit 2; }
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "run_pipeline.sh: -j must be a positive integer, got '$JOBS'" >&2; exit 2; }
 read -r -a TEACHER_FOLD_LIST <<< "$FOLDS"
 read -r -a STUDENT_FOLD_LIST <<< "${STUDENT_FOLDS:-$FOLDS}"
 [ ${#TEACHER_FOLD_LIST[@]} -gt 0 ] && [ ${#STUDENT_FOLD_LIST[@]} -gt 0 ] || { echo "run_pipeline.sh: -f and -s need at least one fold" >&2; exit 2; }
@@ -57,6 +60,8 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 WORK="${WORK:-$nnUNet_results/noisy_student_pipeline/$DATASET_NAME}"
 LOGS="$WORK/logs"; mkdir -p "$LOGS"
 read -r -a GPU_LIST <<< "${GPUS:-}"
+CPU_THREADS_PER_JOB=$(( $("$PYTHON" -c 'from noisy_student_nnunet.cpu_threads import cpu_thread_count as c; print(c())') / JOBS ))
+[ "$CPU_THREADS_PER_JOB" -ge 1 ] || CPU_THREADS_PER_JOB=1
 
 # step NAME CMD...: run CMD with its output in LOGS/NAME.log; stop the pipeline on failure.
 step() {
@@ -84,12 +89,24 @@ train_folds() {
       CUDA_VISIBLE_DEVICES="${GPU_LIST[$((i % ${#GPU_LIST[@]}))]}" step "train_${trainer}_fold$fold" \
         nnUNetv2_train "$DATASET" "$CONFIG" "$fold" -tr "$trainer" -p "$STUDENT_PLANS" -device "$DEVICE" $cont &
       pids+=($!); i=$((i + 1))
-      if [ ${#pids[@]} -ge ${#GPU_LIST[@]} ]; then wait "${pids[@]}"; pids=(); fi
+      if [ ${#pids[@]} -ge ${#GPU_LIST[@]} ]; then wait_all "${pids[@]}"; pids=(); fi
+    elif [ "$DEVICE" = cpu ] && [ "$JOBS" -gt 1 ] && [ $# -gt 1 ]; then
+      NSN_NUM_THREADS="$CPU_THREADS_PER_JOB" step "train_${trainer}_fold$fold" \
+        nnUNetv2_train "$DATASET" "$CONFIG" "$fold" -tr "$trainer" -p "$STUDENT_PLANS" -device "$DEVICE" $cont &
+      pids+=($!)
+      if [ ${#pids[@]} -ge "$JOBS" ]; then wait_all "${pids[@]}"; pids=(); fi
     else
       step "train_${trainer}_fold$fold" nnUNetv2_train "$DATASET" "$CONFIG" "$fold" -tr "$trainer" -p "$STUDENT_PLANS" -device "$DEVICE" $cont
     fi
   done
-  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
+  [ ${#pids[@]} -eq 0 ] || wait_all "${pids[@]}"
+}
+
+# wait_all PID...: wait for every background step; exit 1 if any failed (each failing step named itself)
+wait_all() {
+  local pid failed=0
+  for pid in "$@"; do wait "$pid" || failed=1; done
+  [ "$failed" -eq 0 ] || exit 1
 }
 
 # best_fold TRAINER: the fold with the highest cross-validation foreground Dice.
@@ -133,7 +150,7 @@ PY
       CUDA_VISIBLE_DEVICES="${GPU_LIST[$k]}" step "pseudolabel_round${round}_part$k" \
         nsn pseudolabel "${pseudo_args[@]}" --num-parts "$n" --part-id "$k" & pids+=($!)
     done
-    wait "${pids[@]}"
+    wait_all "${pids[@]}"
     step "pseudolabel_round${round}_finalize" nsn pseudolabel "${pseudo_args[@]}" --finalize
   else
     step "pseudolabel_round$round" nsn pseudolabel "${pseudo_args[@]}"
