@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from noisy_student_nnunet.errors import NsnError
 PIPELINE_SCRIPT = Path(__file__).resolve().parent / "pipeline" / "run_pipeline.sh"
 PLANS = "nnUNetLowFootprintPlans"
 CONFIGURATION = "3d_fullres"
+#: phantom size of the demo: small enough for 2 CPU cores, large enough for the big organs' shapes
+PHANTOM_SIZE = dict(inplane_voxels=(48, 56), slices=(16, 24), slice_spacing=(2.5, 3.5))
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,36 @@ class ModelScore:
     summary: dict  # evaluation summary (per_structure, overall)
     wall_time_s: float
     peak_rss_mb: float | None
+    predictions: Path | None = None
 
 
-def demo_environment(work: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for every child: nnU-Net folders inside the work folder, CPU-friendly defaults."""
+#: the recipe ``nsn demo`` trains with on each device when none is named
+DEFAULT_RECIPES = {"cpu": "demo", "cuda": "demo_gpu"}
+RESULTS_JSON = "demo_results.json"
+SLICES_PNG = "demo_slices.png"
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise NsnError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NsnError("--device cuda: torch sees no CUDA GPU (use --device cpu or auto)")
+    return device
+
+
+def demo_environment(work: Path, base: dict[str, str] | None = None, device: str = "cpu") -> dict[str, str]:
+    """The environment for every child: nnU-Net folders inside the work folder, defaults for the device."""
     env = dict(os.environ if base is None else base)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[var] = str(work / var)
-    # one background augmentation worker: it overlaps with the training step (2 cores: 2.7 s per demo epoch
-    # against 3.5 s with augmentation in the training process); nnU-Net's default of 12 workers
-    # oversubscribes 2 cores (3x slower per iteration)
-    env.setdefault("nnUNet_n_proc_DA", "1")
+    # CPU: one background augmentation worker overlaps with the training step; nnU-Net's default of 12
+    # workers oversubscribes 2 cores (3x slower per iteration). A GPU needs several to keep it fed.
+    env.setdefault("nnUNet_n_proc_DA", "1" if device == "cpu" else str(max(2, min(8, (os.cpu_count() or 2) - 1))))
     env.setdefault("nnUNet_compile", "0")
     # nnU-Net's end-of-training validation spawns this many export workers, each importing torch: on 2 cores
     # the default 8 took 50 s per fold for 2 small cases, 1 took 11 s
@@ -85,7 +107,7 @@ def _stream(cmd: list[str], env: dict[str, str], log: Path) -> None:
 
 
 def predict_and_score(model: DemoModel, dataset_id: int, images: Path, labels: Path, dataset_json: Path,
-                      out: Path, env: dict[str, str]) -> ModelScore:
+                      out: Path, env: dict[str, str], device: str = "cpu") -> ModelScore:
     """Predict the test images with the low-footprint predictor under the profiler, then score them."""
     from noisy_student_nnunet.evaluation import evaluate_folders, resolve_labels
     from noisy_student_nnunet.profiling import profile_command
@@ -96,7 +118,7 @@ def predict_and_score(model: DemoModel, dataset_id: int, images: Path, labels: P
         if predictions.exists():
             shutil.rmtree(predictions)
         cmd = ["nnUNetv2_predict_lowfootprint", "-i", str(images), "-o", str(predictions), "-d", str(dataset_id),
-               "-p", PLANS, "-c", CONFIGURATION, "-tr", model.trainer, "-f", *model.folds, "-device", "cpu",
+               "-p", PLANS, "-c", CONFIGURATION, "-tr", model.trainer, "-f", *model.folds, "-device", device,
                "--disable_progress_bar"]
         result = profile_command(cmd, interval=0.1, env=env)
         if result.exit_code != 0:
@@ -105,7 +127,28 @@ def predict_and_score(model: DemoModel, dataset_id: int, images: Path, labels: P
         result.plot(out / "profile.png")
     profile = json.loads(profile_json.read_text())
     evaluation = evaluate_folders(labels, predictions, resolve_labels(str(dataset_json), 1.0), progress=False)
-    return ModelScore(model, evaluation.summary(), profile["wall_time_s"], profile["peak_rss_tree_mb"])
+    return ModelScore(model, evaluation.summary(), profile["wall_time_s"], profile["peak_rss_tree_mb"],
+                      predictions)
+
+
+def results_document(scores: list[ModelScore], **facts) -> dict:
+    """``demo_results.json``: per stage (the table's titles) organ -> DSC and NSD, the mean, time and RAM."""
+    stages = {}
+    for score in scores:
+        organs = {organ: {"DSC": entry["DSC"]["mean"], "NSD": entry["NSD"]["mean"]}
+                  for organ, entry in score.summary["per_structure"].items()}
+        overall = score.summary["overall"]
+        stages[score.model.title] = {
+            "trainer": score.model.trainer, "folds": list(score.model.folds), "organs": organs,
+            "mean": {"DSC": overall["DSC"]["mean"], "NSD": overall["NSD"]["mean"]},
+            "prediction_time_s": score.wall_time_s, "peak_ram_mb": score.peak_rss_mb}
+    return {**facts, "stages": stages}
+
+
+def write_json_atomic(path: Path, document: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def format_table(scores: list[ModelScore]) -> str:
@@ -130,43 +173,53 @@ def format_table(scores: list[ModelScore]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(work: Path, dataset_id: int = 990, recipe: str = "demo", num_labeled: int = 8, num_unlabeled: int = 24,
-             num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0,
-             student_folds: tuple[str, ...] | None = None) -> list[ModelScore]:
-    """Make phantoms, run the pipeline, predict with every stage's model; print and write the table.
+def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_labeled: int = 8,
+             num_unlabeled: int = 24, num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0,
+             student_folds: tuple[str, ...] | None = None, device: str = "cpu") -> list[ModelScore]:
+    """Make phantoms, run the pipeline, predict with every stage's model; print and write the results.
 
     ``folds`` are the teacher folds (two at least, for the ensemble); ``student_folds`` default to them.
+    ``device`` is ``cpu`` or ``cuda`` (see :func:`resolve_device`); ``recipe`` defaults to the device's.
+    Writes ``demo_table.txt``, ``demo_results.json``, ``demo_slices.png`` and ``demo_resources.png`` to ``work``.
     """
+    started = time.monotonic()
     student_folds = tuple(student_folds or folds)
+    recipe = recipe or DEFAULT_RECIPES[device]
     from noisy_student_nnunet.phantoms import write_phantom_dataset
 
     work = work.resolve()
-    env = demo_environment(work)
+    env = demo_environment(work, device=device)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         Path(env[var]).mkdir(parents=True, exist_ok=True)
     raw = Path(env["nnUNet_raw"])
     existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*"))
-    print(f"[1/4] phantoms: {num_labeled} labeled, {num_unlabeled} unlabeled, {num_test} test", flush=True)
+    print(f"[1/4] phantoms: {num_labeled} labeled, {num_unlabeled} unlabeled, {num_test} test (seed {seed})",
+          flush=True)
     if existing:
         dataset = existing[0]
+        made_with = json.loads((dataset / "phantoms.json").read_text()).get("seed")
+        if made_with != seed:
+            raise NsnError(f"{work} holds the phantoms of seed {made_with}, not {seed}: use another work folder "
+                           f"(-w) for another seed")
         print(f"  using {dataset}", flush=True)
     else:
         dataset = write_phantom_dataset(raw, dataset_id, name="DemoPhantoms", num_labeled=num_labeled,
                                         num_unlabeled=num_unlabeled, num_test=num_test, seed=seed,
-                                        inplane_voxels=(48, 56), slices=(16, 24), slice_spacing=(2.5, 3.5),
-                                        progress=True)
+                                        progress=True, **PHANTOM_SIZE)
     pipeline_work = work / "pipeline"
-    print("[2/4] pipeline: plan, teachers, pseudo-labels, student, fine-tune, predict, evaluate", flush=True)
+    print(f"[2/4] pipeline on {device}, recipe {recipe}: plan, teachers, pseudo-labels, student, fine-tune",
+          flush=True)
+    # the test phantoms are predicted and scored below with every stage's model (the fine-tuned one
+    # included), so the pipeline is not asked to do it once more
     _stream(["bash", str(PIPELINE_SCRIPT), "-d", str(dataset_id), "-u", str(dataset / "imagesUnlabeled"),
-             "-t", str(dataset / "imagesTs"), "-l", str(dataset / "labelsTs"), "-r", recipe, "-f", " ".join(folds),
-             "-s", " ".join(student_folds),
-             "-D", "cpu", "-w", str(pipeline_work), "-o", f"Dataset{dataset_id + 1:03d}_DemoPseudo"],
+             "-r", recipe, "-f", " ".join(folds), "-s", " ".join(student_folds),
+             "-D", device, "-w", str(pipeline_work), "-o", f"Dataset{dataset_id + 1:03d}_DemoPseudo"],
             env, work / "demo.log")
 
     results = Path(env["nnUNet_results"]) / dataset.name
     best = best_fold(results / f"NoisyStudentTrainer__{PLANS}__{CONFIGURATION}", student_folds)
     models = [
-        DemoModel("teacher fold 0", "NoisyStudentTeacherTrainer", (folds[0],)),
+        DemoModel(f"teacher fold {folds[0]}", "NoisyStudentTeacherTrainer", (folds[0],)),
         DemoModel("teacher ensemble", "NoisyStudentTeacherTrainer", folds),
         DemoModel(f"student fold {best}", "NoisyStudentTrainer", (best,)),
         DemoModel(f"fine-tuned fold {best}", "NoisyStudentFinetuneTrainer", (best,)),
@@ -177,12 +230,30 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str = "demo", num_labele
         print(f"  {model.title}", flush=True)
         out = work / "compare" / model.title.replace(" ", "_")
         scores.append(predict_and_score(model, dataset_id, dataset / "imagesTs", dataset / "labelsTs",
-                                        dataset / "dataset.json", out, env))
+                                        dataset / "dataset.json", out, env, device))
     print("[4/4] results on the test phantoms (FLARE22 DSC and NSD, mean over cases)", flush=True)
     table = format_table(scores)
     (work / "demo_table.txt").write_text(table + "\n")
     plot = work / "demo_resources.png"
     shutil.copyfile(work / "compare" / models[-1].title.replace(" ", "_") / "profile.png", plot)
+    slices = plot_test_case(dataset, scores, work / SLICES_PNG)
+    elapsed = time.monotonic() - started
+    write_json_atomic(work / RESULTS_JSON, results_document(
+        scores, seed=seed, device=device, recipe=recipe, num_labeled=num_labeled, num_unlabeled=num_unlabeled,
+        num_test=num_test, teacher_folds=list(folds), student_folds=list(student_folds),
+        wall_time_s=round(elapsed, 1)))
     print(table)
-    print(f"\nresource plot of the fine-tuned model's prediction: {plot}\ntable: {work / 'demo_table.txt'}")
+    print(f"\n{elapsed / 60:.1f} min (this run). table: {work / 'demo_table.txt'}; results: {work / RESULTS_JSON}"
+          f"\nslices of a test phantom: {slices}\nresource plot of the fine-tuned model's prediction: {plot}")
     return scores
+
+
+def plot_test_case(dataset: Path, scores: list[ModelScore], output: Path) -> Path:
+    """``demo_slices.png``: the first test phantom, its reference and every stage's labels."""
+    from noisy_student_nnunet.visualization import plot_segmentation_slices
+
+    reference = sorted((dataset / "labelsTs").glob("*.nii.gz"))[0]
+    case = reference.name[: -len(".nii.gz")]
+    return plot_segmentation_slices(dataset / "imagesTs" / f"{case}_0000.nii.gz", reference,
+                                    {s.model.title: s.predictions / reference.name for s in scores}, output,
+                                    title=f"test phantom {case}")
