@@ -49,5 +49,57 @@ def test_environment_keeps_everything_inside_the_work_folder(tmp_path):
     assert env["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")
     assert env["nnUNet_results"] == str(tmp_path / "nnUNet_results")
     assert "NSN_RECIPE" not in env  # the demo's recipe comes from its plans, not from the user's shell
-    assert env["nnUNet_n_proc_DA"] == "1" and env["nnUNet_def_n_proc"] == "1"
+    assert env["nnUNet_n_proc_DA"] == "1" and env["nnUNet_def_n_proc"] == "1" and env["NSN_NUM_THREADS"] == "1"
     assert env["PATH"].endswith("/usr/bin")
+
+
+def test_results_document_has_every_stage_organ_time_and_ram():
+    from noisy_student_nnunet.demo import results_document
+
+    scores = [_score("teacher fold 0", 0.75, 9.5, 1077.0), _score("fine-tuned fold 0", 0.8125, 10.0, None)]
+    document = results_document(scores, seed=3, device="cpu")
+    assert document["seed"] == 3 and list(document["stages"]) == ["teacher fold 0", "fine-tuned fold 0"]
+    teacher = document["stages"]["teacher fold 0"]
+    assert teacher["organs"]["Liver"] == {"DSC": 0.75, "NSD": 0.375}
+    assert teacher["mean"] == {"DSC": 0.375, "NSD": 0.1875}
+    assert teacher["prediction_time_s"] == 9.5 and teacher["peak_ram_mb"] == 1077.0
+    assert document["stages"]["fine-tuned fold 0"]["peak_ram_mb"] is None
+    json.dumps(document)  # serialisable as it is
+
+
+def test_device_choice():
+    import torch
+
+    from noisy_student_nnunet.demo import DEFAULT_RECIPES, resolve_device
+    from noisy_student_nnunet.recipe import load_recipe
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(NsnError, match="--device cuda"):
+            resolve_device("cuda")
+    with pytest.raises(NsnError, match="--device"):
+        resolve_device("tpu")
+    for recipe in DEFAULT_RECIPES.values():
+        load_recipe(recipe)  # both bundled and valid
+
+
+def test_cpu_teacher_folds_train_side_by_side():
+    import os
+
+    from noisy_student_nnunet.demo import parallel_folds
+
+    cores = len(os.sched_getaffinity(0))
+    assert parallel_folds("cpu", 2) == (["-j", "2"] if cores >= 2 else [])
+    assert parallel_folds("cpu", 5) == (["-j", str(min(5, cores))] if cores >= 2 else [])
+    assert parallel_folds("cuda", 2) == []
+
+
+def test_a_work_folder_keeps_its_seed(tmp_path):
+    from noisy_student_nnunet.demo import run_demo
+
+    dataset = tmp_path / "nnUNet_raw" / "Dataset990_DemoPhantoms"
+    dataset.mkdir(parents=True)
+    (dataset / "phantoms.json").write_text(json.dumps({"seed": 0, "cases": []}))
+    with pytest.raises(NsnError, match="seed 0, not 1"):
+        run_demo(tmp_path, seed=1)

@@ -49,7 +49,7 @@ def pipeline_run(phantom_dataset, lowfootprint_plans, nnunet_env, tmp_path_facto
     args = ["-d", str(dataset_id), "-u", str(raw / "imagesUnlabeled"), "-t", str(raw / "imagesTs"),
             "-l", str(raw / "labelsTs"), "-r", "tiny", "-f", " ".join(FOLDS_OF["NoisyStudentTeacherTrainer"]),
             "-s", " ".join(FOLDS_OF["NoisyStudentTrainer"]), "-D", "cpu", "-p", PLANS,
-            "-o", PSEUDO_NAME, "-w", str(work)]
+            "-o", PSEUDO_NAME, "-w", str(work), "-j", "2"]  # -j 2: the teacher folds side by side
     env = _env(nnunet_env)
     done = _run(args, env)
     assert done.returncode == 0, f"pipeline failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
@@ -161,3 +161,6 @@ def test_bad_arguments_are_one_line_errors(nnunet_env, tmp_path):
     done = _run(["-d", "911", "-u", str(tmp_path), "-s", " "], env, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "-s need at least one fold" in done.stderr
+    done = _run(["-d", "911", "-u", str(tmp_path), "-j", "0"], env, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "-j must be a positive integer" in done.stderr

@@ -13,8 +13,9 @@
 #   -o NAME_OR_ID    pseudo-labeled dataset (default: next free id)
 #   -w DIR           work folder for predictions, logs, profiles (default: $nnUNet_results/noisy_student_pipeline/DatasetID)
 #   -g "0 1"         GPU ids: folds and pseudo-label parts run one process per GPU (default: sequential)
-#   -j N             CPU (-D cpu): train N folds at once, each with 1/N of the cores (default 1). Small networks
-#                    use several cores poorly: two demo teachers side by side finish sooner than one after the other
+#   -j N             CPU (-D cpu): train N folds at once, each with 1/N of the cores and of nnUNet_n_proc_DA
+#                    (default 1). Small networks use several cores poorly: two demo teachers side by side finish
+#                    sooner than one after the other
 #   -D DEVICE        cuda | cpu (default: cuda)
 #   -R N             rounds of pseudo-labeling (default 1; N > 1: the fine-tuned student becomes the next teacher)
 #   -p PLANS         plans name (default nnUNetLowFootprintPlans)
@@ -62,6 +63,9 @@ LOGS="$WORK/logs"; mkdir -p "$LOGS"
 read -r -a GPU_LIST <<< "${GPUS:-}"
 CPU_THREADS_PER_JOB=$(( $("$PYTHON" -c 'from noisy_student_nnunet.cpu_threads import cpu_thread_count as c; print(c())') / JOBS ))
 [ "$CPU_THREADS_PER_JOB" -ge 1 ] || CPU_THREADS_PER_JOB=1
+# ... and 1/N of the augmentation workers (nnU-Net's default 12 when unset); 0 = augmentation in the training
+# process, which on a core of its own beats a worker competing with the other job for the cores
+DA_WORKERS_PER_JOB=$(( ${nnUNet_n_proc_DA:-12} / JOBS ))
 
 # step NAME CMD...: run CMD with its output in LOGS/NAME.log; stop the pipeline on failure.
 step() {
@@ -91,7 +95,7 @@ train_folds() {
       pids+=($!); i=$((i + 1))
       if [ ${#pids[@]} -ge ${#GPU_LIST[@]} ]; then wait_all "${pids[@]}"; pids=(); fi
     elif [ "$DEVICE" = cpu ] && [ "$JOBS" -gt 1 ] && [ $# -gt 1 ]; then
-      NSN_NUM_THREADS="$CPU_THREADS_PER_JOB" step "train_${trainer}_fold$fold" \
+      NSN_NUM_THREADS="$CPU_THREADS_PER_JOB" nnUNet_n_proc_DA="$DA_WORKERS_PER_JOB" step "train_${trainer}_fold$fold" \
         nnUNetv2_train "$DATASET" "$CONFIG" "$fold" -tr "$trainer" -p "$STUDENT_PLANS" -device "$DEVICE" $cont &
       pids+=($!)
       if [ ${#pids[@]} -ge "$JOBS" ]; then wait_all "${pids[@]}"; pids=(); fi
