@@ -10,7 +10,8 @@ and per organ, next to each stage's DSC and the pseudo-labels' quality per organ
 
     python benchmarks/semi_supervised_experiment.py --seeds 0 1 2 --work /tmp/experiment
 
-A rerun resumes (``nsn demo`` skips what is done). Extra arguments after ``--`` go to ``nsn demo``
+A rerun resumes (``nsn demo`` skips what is done; a finished ``nsn demo -w DIR --seed N`` run can be linked
+in as ``WORK/seedN``). Extra arguments after ``--`` go to ``nsn demo``
 (``-- -n 6 -u 48``: fewer labeled, more unlabeled; ``-- --device cuda``). Writes ``results.json``.
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from noisy_student_nnunet.demo import RESULTS_JSON
 
 TEACHER, STUDENT, FINETUNED = "teacher", "student", "fine-tuned"
+DEMO_DATASET_ID = 990  # nsn demo's default -d
 
 
 def pseudo_label_quality(seed_work: Path, dataset_id: int) -> dict:
@@ -89,7 +91,7 @@ def mean_std(values: list[float | None]) -> str:
 
 def report(records: list[dict], seeds: list[int], minutes: list[float], demo_args: list[str]) -> str:
     lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), `nsn demo {' '.join(demo_args)}` per seed; "
-             f"minutes per seed: {', '.join(f'{m:.1f}' for m in minutes)}",
+             f"minutes of this run per seed (a resumed seed counts what it redid): {', '.join(f'{m:.1f}' for m in minutes)}",
              "", "mean DSC over 13 organs and the test phantoms (%), per seed; pseudo-labels: against the unlabeled "
              "phantoms' truth"]
     stages = list(records[0])
@@ -130,7 +132,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/semi_supervised"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("demo_args", nargs=argparse.REMAINDER,
-                        help="after --: arguments for nsn demo (not -w, --seed, -d)")
+                        help="after --: arguments for nsn demo (not -w, --seed)")
     args = parser.parse_args()
     demo_args = [a for a in args.demo_args if a != "--"]
     nsn = str(Path(sys.executable).parent / "nsn")
@@ -138,9 +140,9 @@ def main() -> None:
     records, minutes = [], []
     for seed in args.seeds:
         seed_work = (args.work / f"seed{seed}").resolve()
-        dataset_id = 700 + 2 * seed
+        dataset_id = DEMO_DATASET_ID  # each seed has nnU-Net folders of its own: the demo's id everywhere
         started = time.monotonic()
-        cmd = [nsn, "demo", "-w", str(seed_work), "--seed", str(seed), "-d", str(dataset_id), *demo_args]
+        cmd = [nsn, "demo", "-w", str(seed_work), "--seed", str(seed), *demo_args]
         print(f"seed {seed}: {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             sys.exit(f"nsn demo failed for seed {seed}; see {seed_work / 'demo.log'}")

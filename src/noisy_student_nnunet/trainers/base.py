@@ -116,6 +116,21 @@ class RecipeTrainer(nnUNetTrainer):
         with self._cpu_autocast():
             return super().validation_step(batch)
 
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Stock's cross-validation, predicted as our predictor predicts: without test-time mirroring.
+
+        The paper predicts without mirroring and picks the best student fold by cross-validation, so the
+        validation scores the model as it will be used; it is also 8 network passes per patch fewer (on 2
+        CPU cores a demo fold's validation took 46 s with mirroring). The checkpoint keeps its mirroring
+        axes: stock ``nnUNetv2_predict`` still mirrors these models when asked to.
+        """
+        axes = self.inference_allowed_mirroring_axes
+        self.inference_allowed_mirroring_axes = None
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
+
     def _throttle_progress_plot(self) -> None:
         """Draw progress.png when a checkpoint is saved and at the end, not after every epoch.
 
