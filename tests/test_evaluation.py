@@ -225,11 +225,13 @@ def test_geometry_mismatch_is_an_error_naming_the_case(tmp_path, capsys, change,
          spacing=change.get("spacing", SPACING), origin=change.get("origin", (-10.0, 20.0, 5.0)))
     with pytest.raises(NsnError, match=rf"case_bad\.nii\.gz.*{word}"):
         evaluate_folders(gt_dir, pred_dir, progress=False)
+    # the command names the case, scores the others and exits 1 (README "Errors and bad input")
     out = tmp_path / "results.csv"
-    assert main(["evaluate", str(gt_dir), str(pred_dir), "-o", str(out), "-np", "1"]) == 2
+    assert main(["evaluate", str(gt_dir), str(pred_dir), "-o", str(out), "-np", "1"]) == 1
     err = capsys.readouterr().err
-    assert "nsn evaluate: error:" in err and "case_bad.nii.gz" in err
-    assert not out.exists() and not list(tmp_path.glob(".results.csv*"))
+    assert "case case_bad.nii.gz failed" in err and word in err
+    assert [row[0] for row in csv.reader(out.open())][1:] == ["case_ok.nii.gz"]
+    assert not list(tmp_path.glob(".results.csv*"))
 
 
 def test_single_slice_reference_is_undefined_and_reported(tmp_path, capsys):

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from noisy_student_nnunet import __version__
-from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.errors import run_guarded
 
 # Order is the order shown in ``nsn --help``.
 COMMANDS: tuple[str, ...] = (
@@ -41,14 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except NsnError as error:
-        print(f"nsn {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"nsn {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(f"nsn {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -11,17 +11,27 @@ The rules follow the official FLARE22 evaluation script (JunMa11/FLARE, FLARE22_
   ``surface-distance`` package; NSD = 0 when DSC < 0.2;
 - values rounded to 4 decimals.
 
-One deliberate addition: prediction and reference must share geometry (shape, spacing, affine),
-otherwise :class:`NsnError` names the case; the official script would silently compare voxels.
+Deliberate additions, where the official script would silently compute a wrong score:
+
+- prediction and reference must share geometry (shape, spacing, affine), otherwise the case fails
+  naming the file;
+- label values are read exactly, never wrapped into uint8 (the official ``np.uint8(...)`` turns 257 into
+  the liver and -1 into 255, and 1.5 into 1): a value outside the label set is an error naming the file
+  and the values (``unknown_labels_as_background`` counts them as background, with a warning), a
+  non-integer or NaN value is always an error;
+- a truncated ``.nii.gz`` is an error naming the file.
+
+A failed case is reported and left out (``skip_failed``) or raises :class:`CaseError`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-import tempfile
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +39,16 @@ from typing import Sequence
 
 import numpy as np
 
-from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.errors import CaseError, NsnError, error_message
 from noisy_student_nnunet.flare import FLARE22_ORGANS, Organ
+from noisy_student_nnunet.io_checks import check_gzip_stream
+from noisy_student_nnunet.outputs import atomic_write_text
 
 NIFTI_SUFFIX = ".nii.gz"
 NSD_ZERO_BELOW_DSC = 0.2  # FLARE22 rule: a prediction this far off gets no surface credit
 DECIMALS = 4
+MAX_LABEL = 255  # label maps are scored as uint8, as the official script reads them
+UNKNOWN_LABELS_FLAG = "--unknown-labels-as-background"
 GEOMETRY_ATOL = 1e-4  # mm; header floats written by different tools may differ in the last bits
 
 
@@ -69,12 +83,14 @@ def label_specs_from_dataset_json(path: str | os.PathLike, tolerance_mm: float) 
         labels = json.loads(path.read_text())["labels"]
     except FileNotFoundError:
         raise NsnError(f"labels file not found: {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise NsnError(f"{path} is not a dataset.json with a 'labels' entry") from None
+    if not isinstance(labels, dict):
+        raise NsnError(f"{path}: 'labels' must map names to values, got {type(labels).__name__}")
     flare_by_name = {organ.name: organ for organ in FLARE22_ORGANS}
     specs = []
     for name, value in labels.items():
-        values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+        values = _label_values_of(path, name, value)
         if values == (0,) or name == "background":
             continue
         if any(not 0 < v < 256 for v in values):
@@ -87,6 +103,15 @@ def label_specs_from_dataset_json(path: str | os.PathLike, tolerance_mm: float) 
     if not specs:
         raise NsnError(f"{path} defines no foreground labels")
     return tuple(specs)
+
+
+def _label_values_of(path: Path, name: str, value) -> tuple[int, ...]:
+    """A dataset.json label's value(s) as whole numbers; ``int()`` would turn 1.5 into 1 and fail on "one"."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items or any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+        raise NsnError(f"{path}: label {name!r} has value {json.dumps(value)}; label values are whole numbers "
+                       f"(or lists of them for regions)")
+    return tuple(items)
 
 
 def csv_columns(specs: Sequence[LabelSpec]) -> list[str]:
@@ -142,21 +167,93 @@ def score_structure(
     return dsc, nsd
 
 
-def load_label_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
-    """uint8 label array (nibabel axis order), header spacing and affine of a NIfTI label map."""
+def _read_label_array(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """The stored array (its own dtype, nibabel axis order), header spacing and affine; CaseError naming the
+    file when it is truncated, unreadable or not 3D."""
     import nibabel as nib
 
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        check_gzip_stream(path)
     try:
         image = nib.load(str(path))
-    except Exception as error:  # nibabel raises several types for unreadable files
-        raise NsnError(f"cannot read {path}: {error}".splitlines()[0]) from None
-    data = np.asanyarray(image.dataobj)
-    zooms = tuple(float(z) for z in image.header.get_zooms())
+        data = np.asanyarray(image.dataobj)
+        zooms = tuple(float(z) for z in image.header.get_zooms())
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise CaseError(f"{path}: cannot read label map: {error_message(error)}") from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise NsnError(f"{path} is not a 3D label map (shape {data.shape})")
-    return np.uint8(data), zooms[:3], np.asarray(image.affine, dtype=np.float64)
+        raise CaseError(f"{path} is not a 3D label map (shape {data.shape})")
+    return data, zooms[:3], affine
+
+
+def _format_values(values: Sequence[int | float], limit: int = 10) -> str:
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} values)" if len(values) > limit else "")
+
+
+def _format_label_set(allowed: frozenset[int]) -> str:
+    values = sorted(allowed)
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return _format_values(values)
+
+
+def to_label_map(data: np.ndarray, path: str | os.PathLike, allowed: frozenset[int] | None = None,
+                 unknown_as_background: bool = False) -> tuple[np.ndarray, list[int]]:
+    """A uint8 label map from a label image's array, exactly or not at all.
+
+    Non-integer or non-finite values raise CaseError. Values outside ``allowed`` (default: 0..255, what
+    uint8 holds) raise CaseError naming them, or with ``unknown_as_background`` become 0; returns the map
+    and the unknown values found.
+    """
+    if data.dtype == bool:
+        data = data.view(np.uint8)
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all():
+            raise CaseError(f"{path}: label map holds NaN or infinite values")
+        fractional = data != np.floor(data)
+        if fractional.any():
+            examples = [float(v) for v in np.unique(data[fractional])]
+            raise CaseError(f"{path}: label map holds non-integer values ({_format_values(examples)}); "
+                            f"labels are whole numbers")
+        del fractional
+    elif data.dtype.kind not in "iu":
+        raise CaseError(f"{path}: label map of type {data.dtype}; labels are whole numbers")
+    outside: list[int] = []
+    if data.size and (data.min() < 0 or data.max() > MAX_LABEL):
+        out_of_range = (data < 0) | (data > MAX_LABEL)
+        outside = [int(v) for v in np.unique(data[out_of_range])]
+        labels = np.where(out_of_range, 0, data).astype(np.uint8)
+    else:
+        labels = data.astype(np.uint8)  # exact: whole numbers within 0..255
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=MAX_LABEL + 1))
+    known = frozenset(range(MAX_LABEL + 1)) if allowed is None else allowed | {0}
+    unknown_in_range = [int(v) for v in present if int(v) not in known]
+    unknown = sorted(set(unknown_in_range) | set(outside))
+    if unknown and not unknown_as_background:
+        raise CaseError(f"{path}: label values {_format_values(unknown)} are not in the label set "
+                        f"({_format_label_set(known)}); fix the file, or pass {UNKNOWN_LABELS_FLAG} to count them "
+                        f"as background")
+    if unknown_in_range:
+        labels[np.isin(labels, unknown_in_range)] = 0
+    return labels, unknown
+
+
+def load_label_image(path: str | os.PathLike, allowed: frozenset[int] | None = None,
+                     unknown_as_background: bool = False) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """uint8 label array (nibabel axis order), header spacing and affine of a NIfTI label map; values are
+    checked as :func:`to_label_map` says (never wrapped)."""
+    data, zooms, affine = _read_label_array(path)
+    labels, _ = to_label_map(data, path, allowed, unknown_as_background)
+    return labels, zooms, affine
+
+
+def label_set(specs: Sequence[LabelSpec]) -> frozenset[int]:
+    """The label values a map may hold when scored with ``specs``: background and every structure's values."""
+    return frozenset({0, *(v for spec in specs for v in spec.values)})
 
 
 @dataclass
@@ -165,6 +262,8 @@ class CaseResult:
     dsc: list[float]
     nsd: list[float]
     missing_prediction: bool = False
+    warnings: list[str] = field(default_factory=list)  #: unknown labels counted as background
+    error: str | None = None  #: why the case could not be scored (then dsc and nsd are empty)
 
 
 def evaluate_case(
@@ -172,31 +271,53 @@ def evaluate_case(
     prediction_path: str | os.PathLike | None,
     specs: Sequence[LabelSpec] = FLARE22_SPECS,
     nsd_zero_below_dsc: float = NSD_ZERO_BELOW_DSC,
+    unknown_labels_as_background: bool = False,
 ) -> CaseResult:
-    """Rounded DSC and NSD of every structure of one case; no prediction file counts as all empty."""
+    """Rounded DSC and NSD of every structure of one case; no prediction file counts as all empty.
+
+    Raises :class:`CaseError` naming the file for an unreadable or truncated file, label values outside the
+    label set of ``specs`` (unless ``unknown_labels_as_background``), non-integer labels or other geometry.
+    """
     name = Path(reference_path).name
-    reference, spacing, affine = load_label_image(reference_path)
+    allowed = label_set(specs)
+    notes: list[str] = []
+
+    def load(path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+        data, zooms, affine = _read_label_array(path)
+        labels, unknown = to_label_map(data, path, allowed, unknown_labels_as_background)
+        if unknown:
+            notes.append(f"{path}: label values {_format_values(unknown)} are not in the label set "
+                         f"({_format_label_set(allowed)}): counted as background ({UNKNOWN_LABELS_FLAG})")
+        return labels, zooms, affine
+
+    reference, spacing, affine = load(reference_path)
     missing = prediction_path is None or not Path(prediction_path).is_file()
     if missing:
         prediction = np.zeros_like(reference)
     else:
-        prediction, pred_spacing, pred_affine = load_label_image(prediction_path)
+        prediction, pred_spacing, pred_affine = load(prediction_path)
         if prediction.shape != reference.shape:
-            raise NsnError(f"case {name}: prediction shape {prediction.shape} != reference shape {reference.shape}")
+            raise CaseError(f"case {name}: prediction shape {prediction.shape} != reference shape {reference.shape}")
         if not np.allclose(pred_spacing, spacing, rtol=0, atol=GEOMETRY_ATOL):
-            raise NsnError(f"case {name}: prediction spacing {pred_spacing} != reference spacing {spacing}")
+            raise CaseError(f"case {name}: prediction spacing {pred_spacing} != reference spacing {spacing}")
         if not np.allclose(pred_affine, affine, rtol=0, atol=GEOMETRY_ATOL):
-            raise NsnError(f"case {name}: prediction affine differs from the reference affine (origin or direction)")
+            raise CaseError(f"case {name}: prediction affine differs from the reference affine (origin or direction)")
     dsc, nsd = [], []
     for spec in specs:
         d, n = score_structure(reference, prediction, spacing, spec, nsd_zero_below_dsc)
         dsc.append(_round(d))
         nsd.append(_round(n))
-    return CaseResult(name, dsc, nsd, missing)
+    return CaseResult(name, dsc, nsd, missing, notes)
 
 
 def _evaluate_case_star(job: tuple) -> CaseResult:
-    return evaluate_case(*job)
+    *arguments, skip_failed = job
+    try:
+        return evaluate_case(*arguments)
+    except CaseError as error:
+        if not skip_failed:
+            raise
+        return CaseResult(Path(arguments[0]).name, [], [], error=str(error))
 
 
 @dataclass
@@ -205,6 +326,7 @@ class EvaluationResult:
     cases: list[CaseResult]
     missing_predictions: list[str] = field(default_factory=list)
     unmatched_predictions: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  #: case -> why it was not scored (left out of all means)
 
     def rows(self) -> list[list]:
         return [[c.name, *c.dsc, *c.nsd] for c in self.cases]
@@ -240,6 +362,7 @@ class EvaluationResult:
             "missing_predictions": list(self.missing_predictions),
             "unmatched_predictions": list(self.unmatched_predictions),
             "undefined_values": self.nan_entries(),
+            "failed_cases": dict(self.failed),
         }
 
     def table(self) -> str:
@@ -271,8 +394,15 @@ def evaluate_folders(
     num_processes: int = 1,
     nsd_zero_below_dsc: float = NSD_ZERO_BELOW_DSC,
     progress: bool = True,
+    unknown_labels_as_background: bool = False,
+    skip_failed: bool = False,
 ) -> EvaluationResult:
-    """Score every reference case against the prediction of the same file name, in parallel."""
+    """Score every reference case against the prediction of the same file name, in parallel.
+
+    A case that cannot be scored raises :class:`CaseError`, or with ``skip_failed`` is reported on stderr
+    and listed in ``result.failed`` while the others are scored. Messages go through ``tqdm.write`` so they
+    never land on the progress bar's line.
+    """
     reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
     for folder, what in ((reference_dir, "reference"), (prediction_dir, "prediction")):
         if not folder.is_dir():
@@ -284,43 +414,40 @@ def evaluate_folders(
     missing = [n for n in names if n not in predicted]
     unmatched = sorted(predicted - set(names))
     jobs = [
-        (reference_dir / n, prediction_dir / n if n in predicted else None, tuple(specs), nsd_zero_below_dsc)
+        (reference_dir / n, prediction_dir / n if n in predicted else None, tuple(specs), nsd_zero_below_dsc,
+         unknown_labels_as_background, skip_failed)
         for n in names
     ]
     from tqdm import tqdm
 
     num_processes = max(1, min(int(num_processes), len(jobs)))
-    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
     results: list[CaseResult] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # surface-distance uses old scipy namespaces
-        if num_processes == 1:
-            for job in jobs:
-                results.append(_evaluate_case_star(job))
-                bar.update()
-        else:
-            import multiprocessing
+    with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress, file=sys.stderr) as bar:
 
-            with multiprocessing.get_context().Pool(num_processes) as pool:
-                for result in pool.imap_unordered(_evaluate_case_star, jobs):
-                    results.append(result)
-                    bar.update()
-    bar.close()
+        def collect(result: CaseResult) -> None:
+            for note in result.warnings:
+                tqdm.write(f"nsn evaluate: warning: {note}", file=sys.stderr)
+            if result.error is not None:
+                tqdm.write(f"nsn evaluate: case {result.name} failed, not scored: {result.error}", file=sys.stderr)
+            results.append(result)
+            bar.update()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # surface-distance uses old scipy namespaces
+            if num_processes == 1:
+                for job in jobs:
+                    collect(_evaluate_case_star(job))
+            else:
+                import multiprocessing
+
+                with multiprocessing.get_context().Pool(num_processes) as pool:
+                    for result in pool.imap_unordered(_evaluate_case_star, jobs):
+                        collect(result)
     order = {n: i for i, n in enumerate(names)}
     results.sort(key=lambda r: order[r.name])
-    return EvaluationResult(tuple(specs), results, missing, unmatched)
-
-
-def _atomic_write_text(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    failed = {r.name: r.error for r in results if r.error is not None}
+    scored = [r for r in results if r.error is None]
+    return EvaluationResult(tuple(specs), scored, [n for n in missing if n not in failed], unmatched, failed)
 
 
 def write_csv(result: EvaluationResult, path: str | os.PathLike) -> None:
@@ -332,7 +459,9 @@ def write_csv(result: EvaluationResult, path: str | os.PathLike) -> None:
         for row in result.rows():
             writer.writerow([row[0]] + [_csv_value(v) for v in row[1:]])
 
-    _atomic_write_text(Path(path), write)
+    buffer = io.StringIO()
+    write(buffer)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _csv_value(value: float) -> str:
@@ -340,7 +469,7 @@ def _csv_value(value: float) -> str:
 
 
 def write_summary(result: EvaluationResult, path: str | os.PathLike) -> None:
-    _atomic_write_text(Path(path), lambda handle: json.dump(result.summary(), handle, indent=2))
+    atomic_write_text(path, json.dumps(result.summary(), indent=2))
 
 
 def read_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
@@ -365,10 +494,12 @@ __all__ = [
     "evaluate_case",
     "evaluate_folders",
     "label_specs_from_dataset_json",
+    "label_set",
     "load_label_image",
     "read_csv",
     "resolve_labels",
     "score_structure",
+    "to_label_map",
     "write_csv",
     "write_summary",
 ]

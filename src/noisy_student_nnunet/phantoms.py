@@ -34,6 +34,7 @@ import numpy as np
 from noisy_student_nnunet import __version__
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.flare import FLARE22_ORGANS, flare22_dataset_labels
+from noisy_student_nnunet.outputs import check_output_folder
 
 ORGAN_LABELS: dict[str, int] = {organ.name: organ.label for organ in FLARE22_ORGANS}
 _L = ORGAN_LABELS
@@ -963,6 +964,42 @@ def _manifest_text(manifest: dict) -> str:
     return "\n".join(lines) + "\n ]\n}\n"
 
 
+#: peak bytes per voxel of making and writing one case (float32 canvas, uint8 labels, int16 image, the
+#: reoriented copies and SimpleITK's): 12-16 measured on 6.5 M and 29 M voxel cases, plus a fixed margin
+BYTES_PER_VOXEL = 16
+FIXED_BYTES = 256 * 1024**2
+
+
+def _address_space_left() -> int:
+    """What ``ulimit -v`` (RLIMIT_AS, common on clusters) still allows this process; unlimited is huge."""
+    import resource
+
+    import psutil
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return 2**63 - 1
+    return max(0, soft - psutil.Process().memory_info().vms)
+
+
+def check_memory(cases: Sequence[CaseSpec]) -> None:
+    """Refuse sizes whose largest case cannot fit in the available memory, before allocating anything
+    (otherwise numpy fails with MemoryError halfway, or the kernel's OOM killer ends the process)."""
+    import psutil
+
+    if not cases:
+        return
+    largest = max(cases, key=lambda c: int(np.prod(c.shape_zyx, dtype=np.int64)))
+    voxels = int(np.prod(largest.shape_zyx, dtype=np.int64))
+    needed = voxels * BYTES_PER_VOXEL + FIXED_BYTES
+    available = min(int(psutil.virtual_memory().available), _address_space_left())
+    if needed > available:
+        shape = "x".join(str(v) for v in largest.shape_zyx)
+        raise NsnError(f"the largest case ({largest.identifier}, {shape} voxels) needs about {needed / 1024**3:.1f} GB "
+                       f"of memory to generate, {available / 1024**3:.1f} GB are available; choose smaller "
+                       f"--slices / --inplane-voxels")
+
+
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 
@@ -1001,10 +1038,9 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
     cases = plan_cases(num_labeled, num_unlabeled, num_test, seed, clinical, name=name, slices=slices,
                        inplane_voxels=inplane_voxels, inplane_spacing=inplane_spacing, slice_spacing=slice_spacing,
                        drop_probability=drop_probability)
-    raw_root = Path(raw_root).expanduser().absolute()
-    if raw_root.exists() and not raw_root.is_dir():
-        raise NsnError(f"nnUNet_raw {raw_root} is not a folder")
+    raw_root = check_output_folder(Path(raw_root).expanduser().absolute(), "nnUNet_raw (-o)")
     target = _check_target(raw_root, dataset_id, name)
+    check_memory(cases)
     raw_root.mkdir(parents=True, exist_ok=True)
     partial = raw_root / f".{target.name}.partial-{os.getpid()}"
     if partial.exists():

@@ -17,11 +17,12 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.errors import NsnError, error_message
+from noisy_student_nnunet.io_checks import check_dataset_files
+from noisy_student_nnunet.outputs import atomic_file
 from noisy_student_nnunet.recipe import PLANS_KEY, validate_recipe
 
 LOWFOOTPRINT_PLANS = "nnUNetLowFootprintPlans"
@@ -139,18 +140,9 @@ def derive_lowfootprint_plans(stock_plans: dict[str, Any], recipe: dict[str, Any
 
 def write_json_atomic(path: Path, document: Any) -> None:
     """Write JSON to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle, indent=4, sort_keys=False)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; plans are shared like nnU-Net's own
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as handle:  # the umask's mode, like nnU-Net's own plans
+        json.dump(document, handle, indent=4, sort_keys=False)
+        handle.write("\n")
 
 
 # --- the parts that touch nnU-Net's folders ---------------------------------------------------------
@@ -221,22 +213,38 @@ def ensure_stock_plans(dataset_id: int, dataset_name: str, planner_class: type, 
     stock_file = preprocessed / f"{default_plans_name(planner_class)}.json"
     if stock_file.is_file():
         return stock_file
-    _require_env("nnUNet_raw")
+    raw_folder = _require_env("nnUNet_raw") / dataset_name
+    check_raw_files(raw_folder, num_processes)  # fingerprinting and preprocessing read every raw file
     if not (preprocessed / "dataset_fingerprint.json").is_file():
         print(f"nsn plan: no fingerprint for {dataset_name}: extracting it (nnU-Net)")
         try:
             extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=True,
                                         clean=False, verbose=False)
         except (AssertionError, RuntimeError, FileNotFoundError) as error:
-            message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise NsnError(f"dataset {dataset_name} failed nnU-Net's fingerprinting/integrity check: {message}") \
-                from None
+            # SimpleITK puts the file's name on a later line of its message: keep all of it, on one line
+            raise NsnError(f"dataset {dataset_name} failed nnU-Net's fingerprinting/integrity check: "
+                           f"{error_message(error)}") from None
     print(f"nsn plan: no {stock_file.name}: running nnU-Net's {planner_class.__name__}")
     with _planner_safe_threads():
         _, identifier = plan_experiment_dataset(dataset_id, planner_class)
     stock_file = preprocessed / f"{identifier}.json"
     preprocess_dataset(dataset_id, identifier, (CONFIGURATION,), (num_processes,))
     return stock_file
+
+
+def check_raw_files(raw_folder: Path, num_workers: int) -> None:
+    """Every image and label of a raw dataset complete before nnU-Net reads it: SimpleITK reads a truncated
+    .nii.gz silently (zeros past the cut), which would enter the fingerprint and the preprocessed data."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    if not (raw_folder / "dataset.json").is_file():
+        return  # nnU-Net's own integrity check reports the missing dataset.json
+    try:
+        cases = get_filenames_of_train_images_and_targets(str(raw_folder))
+    except (OSError, KeyError, ValueError, AssertionError, RuntimeError) as error:
+        raise NsnError(f"{raw_folder}: cannot list the dataset's files: {error_message(error)}") from None
+    files = [f for case in cases.values() for f in (*case["images"], case["label"])]
+    check_dataset_files([f for f in files if os.path.isfile(f)], num_workers)
 
 
 def planner_patch_size(planner: Any, stock_plans: dict[str, Any], recipe: dict[str, Any]) -> list[int]:
@@ -290,6 +298,7 @@ def plan_dataset(dataset: str | int, recipe: dict[str, Any], planner_name: str =
               f"preprocessing for {plans_name}")
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
+        check_raw_files(Path(raw_root) / dataset_name, num_processes)
         preprocess_dataset(dataset_id, plans_name, (CONFIGURATION,), (num_processes,))
     return out_file
 

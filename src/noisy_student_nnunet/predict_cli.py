@@ -7,7 +7,11 @@ stock argument keeps its name, default and meaning, except:
   and changes nothing;
 - ``-npp`` / ``-nps`` count threads in this process, not processes (no copies of volumes between processes);
   ``-nps`` > 0 lets one export overlap the next case's prediction;
-- ``-num_parts`` / ``-part_id`` also apply with ``-npp 0 -nps 0``.
+- ``-num_parts`` / ``-part_id`` also apply with ``-npp 0 -nps 0``;
+- a case with unusable input (no ``_0000`` suffix, wrong channel count, truncated or unreadable file) is named
+  and skipped, the others are predicted, ``OUTPUT/.failed.json`` lists the failed cases and why, and the exit
+  status is 1; ``--continue_prediction`` then retries only what has no output yet. Stock stops at the first
+  such case with a traceback (and predicts a truncated ``.nii.gz`` silently).
 
 Added: ``--export nearest|linear`` (nearest: the paper's argmax then nearest neighbour; linear: stock's labels
 at low memory) and ``--combine logits|softmax`` (how folds are averaged).
@@ -16,10 +20,13 @@ at low memory) and ``--combine logits|softmax`` (how folds are averaged).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet import validation
+from noisy_student_nnunet.errors import EXIT_FAILED_CASES, NsnError, run_guarded
+from noisy_student_nnunet.outputs import atomic_write_text, check_output_folder
 
 PROG = "nnUNetv2_predict_lowfootprint"
 
@@ -102,18 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """Every argument, before the model is loaded or anything is written."""
     if not os.path.isdir(args.i):
         raise NsnError(f"-i {args.i}: input folder not found")
+    check_output_folder(args.o, "-o")
+    args.f = validation.parse_folds(args.f, "-f")
     if args.enable_tta and args.disable_tta:
         raise NsnError("--enable_tta and --disable_tta contradict each other; give one")
     if not 0 < args.step_size <= 1:
         raise NsnError(f"-step_size {args.step_size}: must be in (0, 1]")
-    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
-        raise NsnError(f"-part_id {args.part_id}: must be in 0 .. {args.num_parts - 1} (-num_parts {args.num_parts})")
+    validation.parts(args.num_parts, args.part_id, "-num_parts", "-part_id")
     if args.device not in ("cpu", "cuda", "mps"):
         raise NsnError(f"-device {args.device}: must be cpu, cuda or mps")
-    if args.npp < 0 or args.nps < 0:
-        raise NsnError("-npp and -nps must be >= 0")
+    # 0 is a meaningful value here, not a mistake: stock nnUNetv2_predict runs sequentially (no worker
+    # processes) with -npp 0 -nps 0, and this command keeps that meaning for each on its own (0 preprocessing
+    # threads: preprocess inline; 0 export threads: export inline). Only negative counts are refused.
+    validation.at_least(args.npp, "-npp", 0, "preprocessing threads; 0 = inline")
+    validation.at_least(args.nps, "-nps", 0, "export threads; 0 = inline")
     if args.prev_stage_predictions is not None and not os.path.isdir(args.prev_stage_predictions):
         raise NsnError(f"-prev_stage_predictions {args.prev_stage_predictions}: folder not found")
 
@@ -136,9 +148,28 @@ def _model_folder(args: argparse.Namespace) -> str:
     return folder
 
 
+def failed_file(output_folder: str, num_parts: int, part_id: int) -> str:
+    """Where a run lists its failed cases: one file per part, so that parts sharing a folder do not collide."""
+    name = ".failed.json" if num_parts == 1 else f".failed.part{part_id}of{num_parts}.json"
+    return os.path.join(output_folder, name)
+
+
+def _record_failures(args: argparse.Namespace, failures: dict[str, str]) -> str | None:
+    """Write (or, after a clean run, remove) this part's list of failed cases; returns its path if written."""
+    path = failed_file(args.o, args.num_parts, args.part_id)
+    if not failures:
+        if os.path.isfile(path):
+            os.remove(path)
+        return None
+    document = {"failed": dict(sorted(failures.items())),
+                "rerun": "fix or remove these inputs and rerun with --continue_prediction: only cases without an "
+                         "output are predicted"}
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    args.f = [f if f == "all" else int(f) for f in args.f]
     model_folder = _model_folder(args)
 
     import multiprocessing
@@ -173,29 +204,34 @@ def run(args: argparse.Namespace) -> int:
         fold_combination=args.combine,
     )
     predictor.initialize_from_trained_model_folder(model_folder, args.f, checkpoint_name=args.chk)
-    predictor.predict_from_files(
-        args.i, args.o,
-        save_probabilities=args.save_probabilities,
-        overwrite=not args.continue_prediction,
-        num_processes_preprocessing=args.npp,
-        num_processes_segmentation_export=args.nps,
-        folder_with_segs_from_prev_stage=args.prev_stage_predictions,
-        num_parts=args.num_parts,
-        part_id=args.part_id,
-    )
+    from noisy_student_nnunet.inference import FailedCases
+
+    try:
+        predictor.predict_from_files(
+            args.i, args.o,
+            save_probabilities=args.save_probabilities,
+            overwrite=not args.continue_prediction,
+            num_processes_preprocessing=args.npp,
+            num_processes_segmentation_export=args.nps,
+            folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+            num_parts=args.num_parts,
+            part_id=args.part_id,
+        )
+    except FailedCases as failed:
+        listed = _record_failures(args, failed.failures)
+        print(f"{PROG}: {len(failed.failures)} case(s) failed and were skipped (no output written for them; "
+              f"listed in {listed}); the other cases are done. Fix or remove the inputs and rerun with "
+              f"--continue_prediction to retry only these:", file=sys.stderr)
+        for case, why in sorted(failed.failures.items()):
+            print(f"  {case}: {why}", file=sys.stderr)
+        return EXIT_FAILED_CASES
+    _record_failures(args, {})
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except NsnError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

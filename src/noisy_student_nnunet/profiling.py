@@ -24,15 +24,14 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Protocol, Sequence
 
 from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.outputs import atomic_file, atomic_write_bytes
 
 MB = 1048576.0  # FLARE divides bytes by 1048576 and calls it MB
 FLARE_GPU_TOLERANCE_MB = 2048.0
@@ -410,8 +409,7 @@ class ProfileResult:
         return out
 
     def write_json(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        _atomic_write(path, json.dumps(self.to_dict(), indent=1).encode())
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
 
     def plot(self, path: str | os.PathLike) -> None:
         """PNG of RAM, CPU and GPU memory over time (matplotlib Agg)."""
@@ -447,16 +445,9 @@ class ProfileResult:
         title = " ".join(self.command)
         figure.suptitle(title if len(title) < 90 else title[:87] + "...", fontsize="small")
         figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            figure.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            with atomic_file(path) as tmp:
+                figure.savefig(tmp, format="png", dpi=100)
         finally:
             plt.close(figure)
 
@@ -472,18 +463,6 @@ def flare_gpu_max_mb(samples: Sequence[float]) -> float:
         counts[value] = counts.get(value, 0) + 1
     frequent = [v for v, c in counts.items() if c > FLARE_GPU_MIN_FRACTION * len(samples)]
     return max(frequent) if frequent else max(samples)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------- profiler

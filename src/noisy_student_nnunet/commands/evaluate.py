@@ -11,8 +11,11 @@ Score predictions against references exactly as the FLARE22 challenge does: DSC 
 organ, per-organ NSD tolerances in mm (surface Dice from DeepMind's surface-distance package), both
 empty -> 1, one empty -> 0, NSD = 0 when DSC < 0.2, aorta/IVC/esophagus scored only on the reference's
 labelled z-range (upper bound exclusive), spacing from the NIfTI header, values rounded to 4 decimals.
-Cases are matched by file name (*.nii.gz). A missing prediction counts as empty and is reported;
-prediction and reference with different shape, spacing or affine is an error.
+Cases are matched by file name (*.nii.gz). A missing prediction counts as empty and is reported.
+Label values are read exactly: a value outside the label set (--labels) is an error naming the file and
+the values (--unknown-labels-as-background counts them as background, with a warning); non-integer
+values, a truncated file or prediction and reference with different shape, spacing or affine are errors.
+A case with an error is named and left out; the others are scored and written; the exit status is then 1.
 """
 
 
@@ -51,20 +54,30 @@ def add_parser(subparsers) -> None:
         help="NSD is set to 0 when DSC is below this (default 0.2, the FLARE22 rule; the published FLARE22 "
         "script applies none, i.e. 0; FLARE23's applies 0.1)",
     )
+    parser.add_argument(
+        "--unknown-labels-as-background", dest="unknown_labels_as_background", action="store_true",
+        help="count label values outside the label set as background, with a warning naming the file "
+        "(default: such a case is an error and is not scored)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from noisy_student_nnunet.errors import NsnError
+    from noisy_student_nnunet import validation
+    from noisy_student_nnunet.errors import EXIT_FAILED_CASES
     from noisy_student_nnunet.evaluation import evaluate_folders, resolve_labels, write_csv, write_summary
+    from noisy_student_nnunet.outputs import check_output_file
 
-    if args.num_processes < 1:
-        raise NsnError(f"-np must be at least 1, got {args.num_processes}")
-    if args.tolerance <= 0:
-        raise NsnError(f"--tolerance must be positive, got {args.tolerance}")
+    validation.at_least(args.num_processes, "-np", 1, "worker processes")
+    validation.positive(args.tolerance, "--tolerance")
+    validation.number_in(args.nsd_dsc_threshold, "--nsd-dsc-threshold (a DSC)", 0.0, 1.0)
+    for option, path in (("-o", args.output), ("--summary", args.summary)):
+        if path:
+            check_output_file(path, option)
     specs = resolve_labels(args.labels, args.tolerance)
     result = evaluate_folders(
-        args.gt_dir, args.pred_dir, specs, args.num_processes, args.nsd_dsc_threshold, progress=True
+        args.gt_dir, args.pred_dir, specs, args.num_processes, args.nsd_dsc_threshold, progress=True,
+        unknown_labels_as_background=args.unknown_labels_as_background, skip_failed=True,
     )
     if args.output:
         write_csv(result, args.output)
@@ -90,4 +103,14 @@ def run(args: argparse.Namespace) -> int:
             "left out of the means): " + ", ".join(undefined),
             file=sys.stderr,
         )
+    if result.failed:
+        print(
+            f"nsn evaluate: {len(result.failed)} of {len(result.failed) + len(result.cases)} case(s) failed and are "
+            "not scored (left out of the table, the CSV and the means"
+            + (f"; listed in {args.summary} under failed_cases" if args.summary else "") + "):",
+            file=sys.stderr,
+        )
+        for name, reason in result.failed.items():
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return EXIT_FAILED_CASES
     return 0

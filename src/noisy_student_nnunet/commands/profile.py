@@ -43,7 +43,9 @@ def _fmt(value, unit: str, digits: int = 0) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from noisy_student_nnunet import validation
     from noisy_student_nnunet.errors import NsnError
+    from noisy_student_nnunet.outputs import check_output_file
     from noisy_student_nnunet.profiling import profile_command
 
     command = list(args.command)
@@ -51,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise NsnError("no command to profile; usage: nsn profile [options] -- COMMAND ARGS...")
+    # before the command runs: a result that cannot be written would waste the whole run
+    validation.positive(args.interval, "--interval")
+    for option, path in (("-o", args.output), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, option)
     gpu: int | str | bool | None = False if args.no_gpu else args.gpu
     if isinstance(gpu, str) and gpu.isdigit():
         gpu = int(gpu)

@@ -78,10 +78,15 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from noisy_student_nnunet.errors import NsnError
-    from noisy_student_nnunet.pseudolabel.run import PseudolabelSettings, finalize, run_part
+    from noisy_student_nnunet import validation
+    from noisy_student_nnunet.pseudolabel.run import PseudolabelSettings, check_filter, finalize, run_part
 
+    # every option before any work: the filter is applied only after the whole ensemble has run
     if not 0.0 < args.step_size <= 1.0:
         raise NsnError(f"-step_size must be in (0, 1], got {args.step_size}")
+    validation.parts(args.num_parts, args.part_id, "--num-parts", "--part-id")
+    validation.at_least(args.num_processes, "-np", 1, "processes for --stock-preprocessing")
+    check_filter(args.keep_top, args.min_confidence)
     settings = PseudolabelSettings(
         labeled_dataset=args.dataset, images_dir=args.images, folds=args.folds, trainer=args.trainer,
         plans=args.plans, student_plans=args.student_plans, configuration=args.configuration, checkpoint=args.checkpoint,

@@ -12,11 +12,12 @@ from noisy_student_nnunet.inference.export import (
     export_labels_from_logits,
     labels_in_original_geometry,
 )
-from noisy_student_nnunet.inference.predictor import FOLD_COMBINATIONS, LowFootprintPredictor
+from noisy_student_nnunet.inference.predictor import FOLD_COMBINATIONS, FailedCases, LowFootprintPredictor
 
 __all__ = [
     "EXPORT_MODES",
     "FOLD_COMBINATIONS",
+    "FailedCases",
     "LowFootprintPredictor",
     "export_labels_from_logits",
     "labels_in_original_geometry",

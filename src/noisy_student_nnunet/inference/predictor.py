@@ -14,6 +14,9 @@ What differs from ``nnUNetPredictor`` (everything else, including the sliding wi
   ``multiprocessing.Manager``, no extra interpreters importing torch. Preprocessing is stock's, with a
   slice-wise resampling that gives the same array (:mod:`noisy_student_nnunet.inference.preprocessing`).
 - Files are written under a temporary name and renamed when complete.
+- A case whose input is unusable (no channel suffix, wrong channel count, truncated gzip stream, unreadable,
+  NaN) is reported and skipped, the other cases are predicted, and :class:`FailedCases` (naming every failed
+  case and why) is raised at the end; stock stops at the first such case with a traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from nnunetv2.utilities.helpers import empty_cache
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
+from noisy_student_nnunet.errors import CaseError, NsnError, debug_enabled
 from noisy_student_nnunet.inference.export import (
     EXPORT_MODES,
     NEAREST,
@@ -42,8 +46,34 @@ from noisy_student_nnunet.inference.export import (
     write_labels,
 )
 from noisy_student_nnunet.inference.preprocessing import preprocess_case
+from noisy_student_nnunet.io_checks import check_case_files, check_channels_read, group_case_files, \
+    name_unreadable_file
 
 FOLD_COMBINATIONS = ("logits", "softmax")
+
+
+class FailedCases(NsnError):
+    """Raised after every other case was predicted: ``failures`` maps each failed case id to why."""
+
+    def __init__(self, failures: dict[str, str]):
+        self.failures = dict(failures)
+        super().__init__(f"{len(self.failures)} case(s) failed: " + "; ".join(
+            f"{case}: {why}" for case, why in sorted(self.failures.items())))
+
+
+def _case_id(files: Sequence[str], ofile: Optional[str]) -> str:
+    return os.path.basename(ofile) if ofile is not None else os.path.basename(files[0]) if files else "?"
+
+
+def _input_error(files: Sequence[str], plans_manager, error: Exception) -> str:
+    """One line naming the file a case failed on: our checks name it; for a reader's error, read each file alone."""
+    if isinstance(error, CaseError):
+        return str(error)
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(error)
+    return name_unreadable_file(files, plans_manager.image_reader_writer_class, error)
 
 
 def iterate_preprocessed_cases(
@@ -59,13 +89,28 @@ def iterate_preprocessed_cases(
     """Yield ``{'data', 'data_properties', 'ofile'}`` per case, in order (the items stock's iterators yield).
 
     ``num_workers`` threads preprocess ahead of the consumer, at most that many cases at a time; 0 runs inline.
+    A case whose input fails the checks or the reader yields ``{'error': one line naming the file, 'ofile',
+    'case'}`` instead, so that one bad case does not stop the others.
     """
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+
     def one(i: int) -> dict:
-        data, properties = preprocess_case(
-            list_of_lists[i],
-            seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None,
-            plans_manager, configuration_manager, dataset_json, verbose,
-        )
+        try:
+            return preprocess(i)
+        except Exception as error:  # the input of this case: reported, the other cases go on
+            ofile = output_filenames_truncated[i] if output_filenames_truncated is not None else None
+            return {"error": _input_error(list_of_lists[i], plans_manager, error), "ofile": ofile,
+                    "case": _case_id(list_of_lists[i], ofile)}
+
+    def preprocess(i: int) -> dict:
+        prev_stage = seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None
+        check_case_files(list_of_lists[i], num_channels)  # a truncated .nii.gz reads "fine" otherwise
+        data, properties = preprocess_case(list_of_lists[i], prev_stage, plans_manager, configuration_manager,
+                                           dataset_json, verbose)
+        if prev_stage is None:
+            check_channels_read(list_of_lists[i], data.shape[0], num_channels)  # a 4D file holds several
+        if not np.isfinite(data).all():
+            raise CaseError(f"{list_of_lists[i][0]}: image contains NaN or infinite values")
         return {
             "data": torch.from_numpy(data),
             "data_properties": properties,
@@ -112,6 +157,7 @@ class LowFootprintPredictor(nnUNetPredictor):
         self.export_mode = export_mode
         self.fold_combination = fold_combination
         self.slab_bytes = int(slab_bytes)
+        self.failed_cases: dict[str, str] = {}  #: case id -> why, of the last predict_from_files
 
     # ------------------------------------------------------------------ prediction of logits
     def _keep_on_device(self) -> bool:
@@ -277,6 +323,9 @@ class LowFootprintPredictor(nnUNetPredictor):
         pending = None
         try:
             for preprocessed in data_iterator:
+                if "error" in preprocessed:
+                    self._fail_case(preprocessed["case"], preprocessed["error"], preprocessed["ofile"])
+                    continue
                 data = preprocessed.pop("data")
                 if isinstance(data, str):
                     delfile = data
@@ -314,21 +363,58 @@ class LowFootprintPredictor(nnUNetPredictor):
         empty_cache(self.device)
         return results
 
-    # ------------------------------------------------------------------ inputs
-    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, *args, **kwargs):
-        """Stock's, but a source folder is listed in this process: stock forks a pool of 12 processes for it,
-        each a copy-on-write image of this one (with the model loaded) for a moment."""
-        if isinstance(list_of_lists_or_source_folder, str):
-            from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
-            from batchgenerators.utilities.file_and_folder_operations import subfiles
+    # ------------------------------------------------------------------ failed cases
+    def _fail_case(self, case: str, message: str, ofile: Optional[str] = None) -> None:
+        """Record a case that cannot be predicted; remove an output of an earlier run for it (it would not be
+        the prediction of this input)."""
+        self.failed_cases[case] = message
+        print(f"\ncase {case} failed, skipped: {message}", flush=True)
+        if ofile is not None:
+            for suffix in (self.dataset_json["file_ending"], ".npz", ".pkl"):
+                if os.path.isfile(ofile + suffix):
+                    os.remove(ofile + suffix)
 
+    def predict_from_files(self,
+                           list_of_lists_or_source_folder: Union[str, List[List[str]]],
+                           output_folder_or_list_of_truncated_output_files: Union[str, None, List[str]],
+                           save_probabilities: bool = False,
+                           overwrite: bool = True,
+                           num_processes_preprocessing: int = default_num_processes,
+                           num_processes_segmentation_export: int = default_num_processes,
+                           folder_with_segs_from_prev_stage: str = None,
+                           num_parts: int = 1,
+                           part_id: int = 0):
+        """Stock's (same signature: stock records it in predict_from_raw_data_args.json); cases with unusable
+        input are skipped, and :class:`FailedCases` is raised after the others are done."""
+        self.failed_cases = {}
+        result = super().predict_from_files(list_of_lists_or_source_folder,
+                                            output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                            overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                            folder_with_segs_from_prev_stage, num_parts, part_id)
+        if self.failed_cases:
+            raise FailedCases(self.failed_cases)
+        return result
+
+    # ------------------------------------------------------------------ inputs
+    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list=None,
+                                       folder_with_segs_from_prev_stage=None, overwrite: bool = True,
+                                       part_id: int = 0, num_parts: int = 1, save_probabilities: bool = False):
+        """Stock's, but a source folder is listed in this process (stock forks a pool of 12 processes for it,
+        each a copy-on-write image of this one with the model loaded) and checked: a file without nnU-Net's
+        channel suffix, or a case without exactly the model's channels, is a failed case of the part it falls
+        in (the problem cases are sharded like the good ones), not a traceback later."""
+        if isinstance(list_of_lists_or_source_folder, str):
             folder, ending = list_of_lists_or_source_folder, self.dataset_json["file_ending"]
-            files = subfiles(folder, suffix=ending, join=False, sort=True)
-            list_of_lists_or_source_folder = [
-                create_paths_fn(folder, files, ending, case)
-                for case in get_identifiers_from_splitted_dataset_folder(folder, ending)
-            ]
-        return super()._manage_input_and_output_lists(list_of_lists_or_source_folder, *args, **kwargs)
+            num_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+            cases = group_case_files(folder, ending, num_channels)
+            for case in sorted(cases.problems)[part_id::num_parts]:
+                ofile = os.path.join(output_folder_or_list, case) if isinstance(output_folder_or_list, str) \
+                    and overwrite else None
+                self._fail_case(case, cases.problems[case], ofile)
+            list_of_lists_or_source_folder = [[str(p) for p in cases.files[case]] for case in sorted(cases.files)]
+        return super()._manage_input_and_output_lists(list_of_lists_or_source_folder, output_folder_or_list,
+                                                      folder_with_segs_from_prev_stage, overwrite, part_id,
+                                                      num_parts, save_probabilities)
 
     def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists: List[List[str]],
                                                             seg_from_prev_stage_files: Union[List[str], None],

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.outputs import publish_dir
 
 MANIFEST = "pseudolabel.json"
 CASES_DIR = "pseudolabel_cases"
@@ -273,6 +274,7 @@ def _create(name: str, manifest: Mapping[str, Any]) -> OutputDataset | None:
     raw_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=raw_root))
     try:
+        publish_dir(tmp)  # mkdtemp's 0700 would make the dataset private whatever the umask
         (tmp / MANIFEST).write_text(json.dumps(dict(manifest), indent=2) + "\n")
         try:
             os.rename(tmp, raw_root / name)

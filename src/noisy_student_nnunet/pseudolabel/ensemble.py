@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.validation import parse_folds  # noqa: F401  (shared with the predictor's -f)
 
 #: voxels per softmax slab: bounds the fp32 temporary of one softmax call
 _SLAB_VOXELS = 1 << 22
@@ -44,24 +45,6 @@ def fold_checkpoints(model_dir: Path, folds: Sequence[int | str], checkpoint_nam
         if not path.is_file():
             raise NsnError(f"missing teacher checkpoint {path} (fold not trained, or choose other -f/-chk)")
     return files
-
-
-def parse_folds(folds: Sequence[int | str]) -> list[int | str]:
-    """nnU-Net's fold arguments: integers or 'all'; duplicates are an error."""
-    parsed: list[int | str] = []
-    for fold in folds:
-        text = str(fold)
-        if text == "all":
-            parsed.append("all")
-        elif text.isdigit():
-            parsed.append(int(text))
-        else:
-            raise NsnError(f"-f: fold must be an integer or 'all', got {text!r}")
-    if len(set(parsed)) != len(parsed):
-        raise NsnError(f"-f: duplicate folds in {list(folds)}")
-    if not parsed:
-        raise NsnError("-f: no folds given")
-    return parsed
 
 
 def _new_predictor(device: torch.device, use_mirroring: bool, tile_step_size: float, progress: bool):

@@ -14,7 +14,6 @@ import fcntl
 import io
 import json
 import math
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet import validation
+from noisy_student_nnunet.errors import CaseError, NsnError
+from noisy_student_nnunet.io_checks import (InputCases, check_case_files, check_channels_read, group_case_files,
+                                            name_unreadable_file)
 from noisy_student_nnunet.pseudolabel import confidence as conf
 from noisy_student_nnunet.pseudolabel import dataset as ds
-
-_CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 
 
 @dataclass
@@ -88,48 +88,14 @@ class PseudolabelSettings:
         }
 
 
-@dataclass
-class InputCases:
-    """The unlabeled cases of a folder: their files, and the ones that cannot be used (with why)."""
-
-    files: dict[str, list[Path]] = field(default_factory=dict)
-    problems: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def all_ids(self) -> list[str]:
-        return sorted(set(self.files) | set(self.problems))
-
-    def part(self, num_parts: int, part_id: int) -> list[str]:
-        """nnU-Net's sharding: the sorted cases ``[part_id::num_parts]``."""
-        return self.all_ids[part_id::num_parts]
-
-
 def list_input_cases(images_dir: Path, file_ending: str, num_channels: int,
                      labeled_ids: set[str] = frozenset()) -> InputCases:
     """Group ``CASE_XXXX<ending>`` files by case; a case with the wrong channel files, a file without a
     channel suffix or a case id that is also a labeled case becomes a problem naming the file."""
-    found: dict[str, dict[int, Path]] = {}
-    out = InputCases()
-    for path in sorted(images_dir.iterdir()):
-        if not path.name.endswith(file_ending) or path.name.startswith("."):
-            continue
-        stem = path.name[:-len(file_ending)]
-        match = _CHANNEL_RE.match(stem)
-        if match is None:
-            out.problems[stem] = f"{path}: not named CASE_XXXX{file_ending} (nnU-Net's channel suffix missing)"
-            continue
-        found.setdefault(match.group(1), {})[int(match.group(2))] = path
-    for case, channels in found.items():
-        expected = set(range(num_channels))
-        if set(channels) != expected:
-            first = channels[min(channels)]
-            out.problems[case] = (f"{first}: case {case} has channel files {sorted(channels)}, the teacher expects "
-                                  f"{sorted(expected)} (_0000 to _{num_channels - 1:04d})")
-        elif case in labeled_ids:
-            out.problems[case] = (f"{channels[0]}: case id '{case}' is also a labeled case; rename the unlabeled "
-                                  f"image (the student mixes both datasets)")
-        else:
-            out.files[case] = [channels[c] for c in range(num_channels)]
+    out = group_case_files(images_dir, file_ending, num_channels, expects="the teacher")
+    for case in sorted(set(out.files) & set(labeled_ids)):
+        out.problems[case] = (f"{out.files.pop(case)[0]}: case id '{case}' is also a labeled case; rename the "
+                              f"unlabeled image (the student mixes both datasets)")
     if not out.files and not out.problems:
         raise NsnError(f"-i: no images ending in {file_ending} in {images_dir}")
     return out
@@ -149,23 +115,14 @@ def labeled_case_ids(labeled_dataset: str, file_ending: str) -> set[str]:
     return set()
 
 
-class CaseError(Exception):
-    """A problem with one case (its message names the file); the other cases go on."""
-
-
 def _read_case(files: Sequence[Path], plans_manager, num_channels: int) -> tuple[np.ndarray, dict]:
+    check_case_files(files, num_channels, expects="the teacher")  # a truncated .nii.gz reads "fine" otherwise
     reader = plans_manager.image_reader_writer_class()
     try:
         data, properties = reader.read_images([str(f) for f in files])
     except Exception as error:  # find the file that failed, to name it
-        for path in files:
-            try:
-                plans_manager.image_reader_writer_class().read_images([str(path)])
-            except Exception as single:
-                raise CaseError(f"{path}: cannot read image: {_first_line(single)}") from None
-        raise CaseError(f"{files[0]}: cannot read case: {_first_line(error)}") from None
-    if data.shape[0] != num_channels:
-        raise CaseError(f"{files[0]}: image has {data.shape[0]} channels, the teacher expects {num_channels}")
+        raise CaseError(name_unreadable_file(files, plans_manager.image_reader_writer_class, error)) from None
+    check_channels_read(files, data.shape[0], num_channels, expects="the teacher")
     if not np.all(np.isfinite(data)):
         raise CaseError(f"{files[0]}: image contains NaN or infinite values")
     return data, properties
@@ -281,8 +238,9 @@ def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts
     """Pseudo-label this part's cases (skipping finished ones); finalize when every case of every part is done."""
     from tqdm import tqdm
 
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise NsnError(f"--part-id must be in [0, {num_parts - 1}] for --num-parts {num_parts}, got {part_id}")
+    validation.parts(num_parts, part_id, "--num-parts", "--part-id")
+    check_filter(keep_top, min_confidence)  # the filter applies at the end: refuse it before hours of work
+    validation.at_least(num_processes, "-np", 1, "processes for --stock-preprocessing")
     settings, dataset, ensemble, inputs, _, _ = _setup(settings, output, True, device, progress)
     pseudolabeler = Pseudolabeler(settings, dataset, ensemble)
     result = PartResult(dataset=dataset.name)
@@ -334,6 +292,16 @@ def write_csv(path: Path, records: dict[str, dict[str, Any]], kept: set[str], la
     ds.atomic_write_text(path, buffer.getvalue())
 
 
+def check_filter(keep_top: float | None, min_confidence: float | None) -> None:
+    """The case filter's options: a fraction of cases in (0, 1], or a confidence (mean max-probability) in [0, 1]."""
+    if keep_top is not None and min_confidence is not None:
+        raise NsnError("--keep-top and --min-confidence are exclusive")
+    if keep_top is not None:
+        validation.number_in(keep_top, "--keep-top (fraction of cases kept)", 0.0, 1.0, low_open=True)
+    if min_confidence is not None:
+        validation.number_in(min_confidence, "--min-confidence (a mean probability)", 0.0, 1.0)
+
+
 def finalize(settings: PseudolabelSettings, output: str | None = None, keep_top: float | None = None,
              min_confidence: float | None = None, num_processes: int = 2, wait_for_lock: bool = True,
              _opened: tuple | None = None) -> FinalizeResult | None:
@@ -342,10 +310,7 @@ def finalize(settings: PseudolabelSettings, output: str | None = None, keep_top:
     Refuses while cases are neither finished nor failed; failed cases are left out (and named).
     Returns None if another process holds the finalize lock and ``wait_for_lock`` is False.
     """
-    if keep_top is not None and min_confidence is not None:
-        raise NsnError("--keep-top and --min-confidence are exclusive")
-    if keep_top is not None and not 0.0 < keep_top <= 1.0:
-        raise NsnError(f"--keep-top must be a fraction in (0, 1], got {keep_top}")
+    check_filter(keep_top, min_confidence)
     if _opened is None:
         settings, dataset, _, inputs, _, _ = _setup(settings, output, False)
     else:

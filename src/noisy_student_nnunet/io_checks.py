@@ -1,0 +1,149 @@
+"""Input images checked before use: nnU-Net's file naming, the model's channel count, complete gzip streams.
+
+SimpleITK (nnU-Net's default reader) reads a truncated ``.nii.gz`` without an error: the voxels past the
+cut come back as zeros, so a half-copied scan would be predicted or pseudo-labeled with exit status 0.
+:func:`check_gzip_stream` decompresses the whole stream once (about a second per clinical CT, no memory
+kept) and names the file when its end marker or checksum is missing. The checks raise
+:class:`CaseError`: multi-case commands report the case and go on with the others.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from noisy_student_nnunet.errors import CaseError, NsnError, error_message
+
+_CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
+_READ_CHUNK = 1 << 20
+
+
+def check_gzip_stream(path: str | Path) -> None:
+    """Decompress ``path`` to its end (nothing kept); CaseError naming it if the stream is cut or corrupt."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            while handle.read(_READ_CHUNK):
+                pass
+    except EOFError:
+        raise CaseError(f"{path}: truncated file (its gzip stream ends before the end marker; "
+                        f"copy or download it again)") from None
+    except gzip.BadGzipFile as error:
+        text = error_message(error)
+        if text.startswith("Not a gzipped file"):
+            raise CaseError(f"{path}: not gzip-compressed although its name ends in .gz") from None
+        raise CaseError(f"{path}: corrupt gzip data ({text})") from None
+    except zlib.error as error:
+        raise CaseError(f"{path}: corrupt gzip data ({error_message(error)})") from None
+    except FileNotFoundError:
+        raise CaseError(f"{path}: file not found") from None
+
+
+def check_image_file(path: str | Path) -> None:
+    """An input image exists and, if gzip-compressed, is complete."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaseError(f"{path}: file not found")
+    if path.name.endswith(".gz"):
+        check_gzip_stream(path)
+
+
+def check_case_files(files: Sequence[str | Path], num_channels: int, expects: str = "the model") -> None:
+    """One case's images: one file per channel the model was trained with, each complete."""
+    if len(files) != num_channels:
+        raise CaseError(f"{files[0] if files else '(no file)'}: case has {len(files)} channel file(s), {expects} "
+                        f"expects {num_channels} (_0000 to _{num_channels - 1:04d})")
+    for path in files:
+        check_image_file(path)
+
+
+def check_channels_read(files: Sequence[str | Path], channels_read: int, num_channels: int,
+                        expects: str = "the model") -> None:
+    """The reader's channel count (a 4D file holds several) equals the model's."""
+    if channels_read != num_channels:
+        raise CaseError(f"{files[0]}: image has {channels_read} channels, {expects} expects {num_channels}")
+
+
+def reader_reason(error: BaseException) -> str:
+    """The useful part of a reader's message: SimpleITK prefixes ITK's reason with its source location."""
+    text = error_message(error)
+    match = re.search(r"(?:sitk|itk)::ERROR:\s*(.+)$", text)
+    return match.group(1) if match else text
+
+
+def name_unreadable_file(files: Sequence[str | Path], reader_class, error: BaseException) -> str:
+    """A one-line message for a case the reader failed on, naming the file it fails on alone."""
+    for path in files:
+        try:
+            reader_class().read_images([str(path)])
+        except Exception as single:  # readers raise many types (RuntimeError from ITK, OSError, ...)
+            return f"{path}: cannot read image: {reader_reason(single)}"
+    return f"{files[0]}: cannot read case: {reader_reason(error)}"
+
+
+@dataclass
+class InputCases:
+    """The cases of an image folder: their files, and the ones that cannot be used (with why)."""
+
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_ids(self) -> list[str]:
+        return sorted(set(self.files) | set(self.problems))
+
+    def part(self, num_parts: int, part_id: int) -> list[str]:
+        """nnU-Net's sharding: the sorted cases ``[part_id::num_parts]``."""
+        return self.all_ids[part_id::num_parts]
+
+
+def group_case_files(folder: Path, file_ending: str, num_channels: int, expects: str = "the model") -> InputCases:
+    """Group ``CASE_XXXX<ending>`` files by case; a file without the channel suffix, or a case whose channel
+    files are not exactly ``_0000`` .. ``_{num_channels - 1}``, becomes a problem naming the file."""
+    found: dict[str, dict[int, Path]] = {}
+    out = InputCases()
+    for path in sorted(Path(folder).iterdir()):
+        if not path.name.endswith(file_ending) or path.name.startswith("."):
+            continue
+        stem = path.name[:-len(file_ending)]
+        match = _CHANNEL_RE.match(stem)
+        if match is None:
+            out.problems[stem] = (f"{path}: not named CASE_XXXX{file_ending} (nnU-Net's 4-digit channel suffix, "
+                                  f"_0000 for the first channel, is missing)")
+            continue
+        found.setdefault(match.group(1), {})[int(match.group(2))] = path
+    for case, channels in found.items():
+        expected = set(range(num_channels))
+        if set(channels) != expected:
+            first = channels[min(channels)]
+            out.problems[case] = (f"{first}: case {case} has channel files {sorted(channels)}, {expects} expects "
+                                  f"{sorted(expected)} (_0000 to _{num_channels - 1:04d})")
+        else:
+            out.files[case] = [channels[c] for c in range(num_channels)]
+    return out
+
+
+def check_dataset_files(files: Iterable[str | Path], num_workers: int = 4) -> None:
+    """Every file of a raw dataset complete (gzip streams checked in parallel; zlib releases the GIL).
+
+    NsnError naming the first bad file (in sorted order) and how many are bad.
+    """
+    paths = sorted({Path(f) for f in files})
+    problems: list[str] = []
+
+    def check(path: Path) -> None:
+        try:
+            check_image_file(path)
+        except CaseError as error:
+            problems.append(str(error))
+
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        list(pool.map(check, paths))
+    if problems:
+        problems.sort()
+        more = f" (and {len(problems) - 1} more bad file(s))" if len(problems) > 1 else ""
+        raise NsnError(f"{problems[0]}{more}")
