@@ -43,12 +43,19 @@ class Fp32Loss(torch.nn.Module):
 
     def __init__(self, loss: torch.nn.Module):
         super().__init__()
-        self.loss = loss
+        self.inner = loss
+
+    def __getattr__(self, name: str):
+        # transparent: ``trainer.loss.loss`` still reaches what stock's loss wraps
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
 
     def forward(self, output, target):
         with torch.autocast("cpu", enabled=False):
             output = [o.float() for o in output] if isinstance(output, (list, tuple)) else output.float()
-            return self.loss(output, target)
+            return self.inner(output, target)
 
 
 class RecipeTrainer(nnUNetTrainer):
