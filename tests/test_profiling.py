@@ -78,7 +78,10 @@ def test_known_memory_and_busy_time_within_10_percent(tmp_path):
         sum(result.samples["cpu_utilisation_percent"]) * 0.1
     )
     assert all(0 <= u <= 100 for u in result.samples["cpu_utilisation_percent"])
-    assert summary["system_ram_used_peak_mb"] >= summary["system_ram_used_baseline_mb"]
+    # machine-wide used RAM moves with every other process, so no bound against its baseline holds under
+    # foreign load (CI once saw the peak 3 MB below it); it does always contain the tree's own memory
+    assert summary["system_ram_used_peak_mb"] == max(result.samples["system_ram_used_mb"])
+    assert summary["system_ram_used_peak_mb"] >= summary["peak_rss_tree_mb"]
     assert summary["sampler_cpu_time_s"] < 0.1 * BUSY_S  # the sampler stays light
 
     plot = tmp_path / "prof.png"
