@@ -10,7 +10,8 @@ stock argument keeps its name, default and meaning, except:
 - ``-num_parts`` / ``-part_id`` also apply with ``-npp 0 -nps 0``.
 
 Added: ``--export nearest|linear`` (nearest: the paper's argmax then nearest neighbour; linear: stock's labels
-at low memory) and ``--combine logits|softmax`` (how folds are averaged).
+at low memory), ``--combine logits|softmax`` (how folds are averaged) and ``--precision auto|fp32|bf16``.
+On CPU the network gets the cores this process may use (stock: the host's CPU count, capped at 8).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "scores, then argmax), computed slab by slab at low memory. Default: nearest")
     parser.add_argument("--combine", choices=("logits", "softmax"), default="logits",
                         help="How folds are averaged: logits (stock) or softmax probabilities. Default: logits")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="Network precision. auto: bf16 autocast on a CPU that executes bf16 natively "
+                             "(AMX-BF16 or AVX512_BF16; NSN_CPU_BF16=0 says it does not), else fp32; on CUDA "
+                             "stock's fp16 autocast. fp32 / bf16: as named, on CPU or CUDA. Default: auto")
     return parser
 
 
@@ -141,14 +146,13 @@ def run(args: argparse.Namespace) -> int:
     args.f = [f if f == "all" else int(f) for f in args.f]
     model_folder = _model_folder(args)
 
-    import multiprocessing
-
     import torch
 
     from noisy_student_nnunet.inference import LowFootprintPredictor
+    from noisy_student_nnunet.inference.threads import network_threads
 
     if args.device == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
+        torch.set_num_threads(network_threads())
         device = torch.device("cpu")
     elif args.device == "cuda":
         if not torch.cuda.is_available():
@@ -159,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = torch.device("mps")
 
+    if args.precision == "bf16" and device.type not in ("cpu", "cuda"):
+        raise NsnError(f"--precision bf16: supported on cpu and cuda, not {device.type}")
     os.makedirs(args.o, exist_ok=True)
     predictor = LowFootprintPredictor(
         tile_step_size=args.step_size,
@@ -171,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         allow_tqdm=not args.disable_progress_bar,
         export_mode=args.export,
         fold_combination=args.combine,
+        precision=args.precision,
     )
     predictor.initialize_from_trained_model_folder(model_folder, args.f, checkpoint_name=args.chk)
     predictor.predict_from_files(
