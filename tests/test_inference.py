@@ -197,6 +197,22 @@ def test_preprocessing_equals_stock(tmp_path, plans_spacing, transpose):
         assert props[key] == ref_props[key], key
 
 
+@pytest.mark.parametrize("order", [0, 1, 3])
+@pytest.mark.parametrize("new_shape", [(13, 29, 31), (41, 90, 70)])
+def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape):
+    """The lean 3D path (no separate z) against stock ``resample_data_or_seg``, down- and upsampling."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    from noisy_student_nnunet.inference.preprocessing import resample_3d_lean
+
+    data = np.random.default_rng(order).normal(size=(2, 27, 61, 58)).astype(np.float32)
+    data[:, :3] = 7.0  # flat regions: clipping to the input range matters
+    ref = resample_data_or_seg(data, new_shape, is_seg=False, order=order, do_separate_z=False)
+    ours = resample_3d_lean(data, new_shape, order)
+    assert ours.dtype == ref.dtype == np.float32
+    np.testing.assert_array_equal(ours, ref)
+
+
 # ----------------------------------------------------------------------------- logits, folds, Python API
 @pytest.fixture(scope="module")
 def two_fold_model(tmp_path_factory):
