@@ -1,9 +1,16 @@
 """Benchmarks of the low-footprint predictor against stock nnU-Net 2.8.1 (CPU; GPU part where CUDA exists).
 
     python benchmarks/bench_inference.py export   # (a) export only, same logits, 14 classes, clinical size
-    python benchmarks/bench_inference.py e2e      # (b) end to end, half-width model, stock vs ours
+    python benchmarks/bench_inference.py e2e      # (b) end to end, half-width model, stock vs ours (fp32, auto),
+                                                  #     bf16-vs-fp32 accuracy on a trained model, RSS breakdown
     python benchmarks/bench_inference.py gpu      # (c) peak GPU memory and time per case (needs CUDA)
     python benchmarks/bench_inference.py huge     # (d) 512x512x1000 input, tiny network, our peak RSS
+    python benchmarks/bench_inference.py memory   # (e) ours' peak RSS stage by stage on the e2e case
+    python benchmarks/bench_inference.py patch    # (f) one network patch: fp32/bf16, channels-last, threads
+
+(b)'s default case is the issue's: a phantom CT of 523 x 433 x 269 voxels (x, y, z) at 0.7 x 0.7 x 1.25 mm, the
+FLARE22 half-width 3d_fullres U-Net planned at 2.5 x 1.6 x 1.6 mm (network grid 134 x 189 x 229, patch
+40 x 224 x 192: 12 patches at step 0.5).
 
 Each measured run is a separate process: (a) reports wall time and the peak RSS it added on top of the
 loaded logits (kernel high-water mark, ``ru_maxrss``); (b)-(d) run the console commands under
@@ -280,7 +287,9 @@ def e2e_runs(which: list[str], inputs: Path, root: Path, dataset_name: str, devi
         "stock": ("stock nnUNetv2_predict (defaults, TTA)", [str(BIN / "nnUNetv2_predict"), *common]),
         "stock_notta": ("stock nnUNetv2_predict --disable_tta",
                         [str(BIN / "nnUNetv2_predict"), *common, "--disable_tta"]),
-        "ours": ("ours nnUNetv2_predict_lowfootprint (defaults: nearest)",
+        "ours_fp32": ("ours nnUNetv2_predict_lowfootprint --precision fp32",
+                      [str(BIN / "nnUNetv2_predict_lowfootprint"), *common, "--precision", "fp32"]),
+        "ours": ("ours nnUNetv2_predict_lowfootprint (defaults: nearest, --precision auto)",
                  [str(BIN / "nnUNetv2_predict_lowfootprint"), *common]),
         "ours_linear": ("ours --export linear", [str(BIN / "nnUNetv2_predict_lowfootprint"), *common,
                                                   "--export", "linear"]),
@@ -292,45 +301,281 @@ def e2e_runs(which: list[str], inputs: Path, root: Path, dataset_name: str, devi
     return out
 
 
-def bench_e2e(args) -> None:
+E2E_DATASET = "Dataset980_BenchHalfWidth"
+TRAINED_DATASET = "Dataset983_BenchTrained"
+
+
+def e2e_geometry(args) -> tuple[tuple, tuple, tuple, tuple]:
+    """(image shape z y x, spacing z y x, plans spacing, patch) from --shape/--spacing or the older options."""
+    shape, spacing = list(args.shape), list(args.spacing)
+    if args.slices is not None:
+        shape[0] = args.slices
+    if args.inplane is not None:
+        shape[1:] = [args.inplane, args.inplane]
+    if args.slice_spacing is not None:
+        spacing[0] = args.slice_spacing
+    if args.pixel_spacing is not None:
+        spacing[1:] = [args.pixel_spacing, args.pixel_spacing]
+    return tuple(shape), tuple(spacing), tuple(args.plans_spacing), tuple(args.patch)
+
+
+def _labels(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def accuracy_guard(work: Path, iterations: int, shape_zyx, spacing_zyx) -> dict:
+    """bf16 against fp32 labels of a model trained (briefly, here) on phantoms: Dice per organ present.
+
+    A random-weight network gives near-ties almost everywhere, so its bf16/fp32 agreement says nothing; this one
+    is trained on phantoms at the plans' spacing (``model_folders.train_phantom_model``) and predicts an unseen
+    phantom through the console script with ``--precision fp32`` and ``--precision bf16``.
+    """
+    import torch
+
+    from noisy_student_nnunet.flare import FLARE22_ORGANS
+    from noisy_student_nnunet.phantoms import make_phantom
+
+    root = work / f"accuracy_{iterations}"
+    results = root / "results"
+    plans = mf.make_plans([2.5, 1.6, 1.6], [32, 64, 64], mf.tiny_architecture((8, 16, 32, 64)),
+                          dataset_name=TRAINED_DATASET)
+    folder = results / TRAINED_DATASET / f"nnUNetTrainer__nnUNetPlans__{mf.CONFIGURATION}"
+    t0 = time.perf_counter()
+    if not (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        print(f"  accuracy guard: training a small U-Net [8, 16, 32, 64] on phantoms ({iterations} iterations)",
+              flush=True)
+        mf.train_phantom_model(folder, plans, iterations=iterations, case_shape=(48, 112, 112), num_cases=8,
+                               log=True)
+    trained_s = time.perf_counter() - t0
+    inputs = root / "in"
+    phantom = make_phantom(4242, shape_zyx, spacing_zyx)
+    if not (inputs / "case_0000.nii.gz").is_file():
+        inputs.mkdir(parents=True, exist_ok=True)
+        phantom.write(inputs / "case_0000.nii.gz")
+    env = dict(os.environ, nnUNet_results=str(results), nnUNet_raw=str(root / "raw"),
+               nnUNet_preprocessed=str(root / "preprocessed"), nnUNet_compile="0")
+    env.pop("NSN_CPU_BF16", None)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        command = [str(BIN / "nnUNetv2_predict_lowfootprint"), "-i", str(inputs), "-o", str(root / precision), "-d",
+                   TRAINED_DATASET, "-c", mf.CONFIGURATION, "-f", "0", "-device", "cpu", "--disable_progress_bar",
+                   "--precision", precision]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        out[precision] = _labels(root / precision / "case.nii.gz")
+    present = [o for o in FLARE22_ORGANS if (out["fp32"] == o.label).any() or (out["bf16"] == o.label).any()]
+    dice_bf16 = dice_per_class(out["bf16"], out["fp32"], [o.label for o in present])
+    dice_truth = dice_per_class(out["fp32"], phantom.label, [o.label for o in present])
+    return {
+        "organs": {o.name: {"dice_bf16_vs_fp32": dice_bf16[o.label], "dice_fp32_vs_truth": dice_truth[o.label],
+                            "voxels_fp32": int((out["fp32"] == o.label).sum())} for o in present},
+        "min_dice": min(dice_bf16.values()) if dice_bf16 else float("nan"),
+        "voxels_equal": float((out["bf16"] == out["fp32"]).mean()),
+        "train_s": trained_s,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def bench_e2e(args) -> None:
     work = Path(args.workdir)
-    shape = (args.slices, args.inplane, args.inplane)
-    spacing = (args.slice_spacing, args.pixel_spacing, args.pixel_spacing)
-    plans_spacing = (2.5, 0.8, 0.8)
-    architecture, patch = mf.half_width_architecture(plans_spacing, (40, 224, 192))
-    name = f"e2e_{'x'.join(map(str, shape))}"
-    root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture,
-                                    "Dataset980_BenchHalfWidth")
-    print(f"(b) end to end: phantom {shape} (z, y, x) at {spacing} mm; plans spacing {plans_spacing}, patch {patch}, "
-          f"half-width PlainConvUNet {architecture['arch_kwargs']['features_per_stage']}, 1 fold, CPU", flush=True)
+    shape, spacing, plans_spacing, patch_request = e2e_geometry(args)
+    architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
+    name = f"e2e_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
+    root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture, E2E_DATASET)
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    grid = [int(g) for g in compute_new_shape(shape, spacing, plans_spacing)]
+    print(f"(b) end to end: phantom {shape} (z, y, x) at {spacing} mm; plans spacing {plans_spacing} (network grid "
+          f"{grid}), patch {patch}, half-width PlainConvUNet {architecture['arch_kwargs']['features_per_stage']}, "
+          f"1 fold, CPU", flush=True)
+    load = os.getloadavg()[0]
     rows = []
-    for key, label, command in e2e_runs(args.runs, inputs, root, "Dataset980_BenchHalfWidth", "cpu"):
+    for key, label, command in e2e_runs(args.runs, inputs, root, E2E_DATASET, "cpu"):
         row = run_profiled(label, command, env, root / f"log_{key}.txt")
         row["key"] = key
+        row["load_before"] = load
+        load = os.getloadavg()[0]
         rows.append(row)
     by = {r["key"]: r for r in rows}
-    if "stock" in by:
-        for r in rows:
-            r["speedup"] = by["stock"]["wall_s"] / r["wall_s"]
+    for r in rows:
+        for ref, column in (("stock", "speedup"), ("stock_notta", "speedup_notta")):
+            if ref in by:
+                r[column] = by[ref]["wall_s"] / r["wall_s"]
+        if "stock" in by:
             r["ram_ratio"] = r["peak_rss_gb"] / by["stock"]["peak_rss_gb"]
-    ref_key = "stock_notta" if "stock_notta" in by else None
-    if ref_key:
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"out_{ref_key}" / "case.nii.gz")))
-        for r in rows:
-            f = root / f"out_{r['key']}" / "case.nii.gz"
-            if r["key"] != ref_key and f.is_file():
-                r["equal_to_stock_notta"] = float((sitk.GetArrayFromImage(sitk.ReadImage(str(f))) == ref).mean())
+    for ref_key, column in (("stock_notta", "equal_to_stock_notta"), ("ours_fp32", "equal_to_ours_fp32")):
+        if ref_key in by:
+            ref = _labels(root / f"out_{ref_key}" / "case.nii.gz")
+            for r in rows:
+                f = root / f"out_{r['key']}" / "case.nii.gz"
+                if r["key"] != ref_key and f.is_file():
+                    r[column] = float((_labels(f) == ref).mean())
+    accuracy = None
+    if args.accuracy_iterations > 0:
+        accuracy = accuracy_guard(work, args.accuracy_iterations, (64, 224, 224), (1.25, 0.7, 0.7))
+        if "ours" in by:
+            by["ours"]["dice_bf16_trained"] = accuracy["min_dice"]
+    breakdown = memory_breakdown(root, E2E_DATASET, "auto") if args.breakdown else None
     print()
-    print(f"(b) end to end, image {shape} at {spacing} mm. Machine: {machine()}")
+    print(f"(b) end to end, image {shape} (z, y, x) at {spacing} mm, plans {plans_spacing}, network grid {grid}. "
+          f"Machine: {machine()}; {_cpu_flags_note()}")
     print(table(rows, [("run", "run"), ("wall_s", "wall time (s)"), ("speedup", "x faster than stock"),
+                       ("speedup_notta", "x faster than stock --disable_tta"),
                        ("peak_rss_gb", "peak RSS tree (GB)"), ("ram_ratio", "RAM / stock"),
                        ("peak_rss_largest_gb", "peak RSS largest process (GB)"),
                        ("n_processes_max", "processes"),
                        ("cpu_util_pct", "CPU util. (% of all cores)"), ("cpu_time_s", "CPU time (s)"),
-                       ("equal_to_stock_notta", "voxels equal to stock --disable_tta")]))
-    (root / "results.json").write_text(json.dumps(rows, indent=1))
+                       ("equal_to_stock_notta", "voxels equal to stock --disable_tta"),
+                       ("equal_to_ours_fp32", "voxels equal to ours fp32 (random weights)"),
+                       ("dice_bf16_trained", "min Dice bf16 vs fp32, trained model"),
+                       ("load_before", "load avg. before")]))
+    if accuracy is not None:
+        print(f"\nAccuracy guard: a small U-Net trained on phantoms ({args.accuracy_iterations} iterations, "
+              f"{accuracy['train_s']:.0f} s), an unseen phantom 64 x 224 x 224 at 1.25 x 0.7 x 0.7 mm, "
+              f"--precision bf16 against --precision fp32 (voxels equal: {accuracy['voxels_equal']:.6f}):")
+        organ_rows = [{"organ": k, **v} for k, v in accuracy["organs"].items()]
+        print(table(organ_rows, [("organ", "organ"), ("dice_bf16_vs_fp32", "Dice bf16 vs fp32"),
+                                 ("voxels_fp32", "voxels (fp32)"), ("dice_fp32_vs_truth", "Dice fp32 vs truth")]))
+    if breakdown is not None:
+        print_breakdown(breakdown)
+    (root / "results.json").write_text(json.dumps({"rows": rows, "accuracy": accuracy, "breakdown": breakdown},
+                                                  indent=1, default=str))
+
+
+def _cpu_flags_note() -> str:
+    from noisy_student_nnunet.inference.precision import cpu_native_bf16
+
+    native, why = cpu_native_bf16()
+    return why
+
+
+# ----------------------------------------------------------------------------- (e) memory breakdown
+def _rss_status() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    rss = hwm = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+def memory_worker(model: Path, image: Path, precision: str, out: Path) -> dict:
+    """Ours' steps for one case in this fresh process (as nnUNetv2_predict_lowfootprint runs them for a single
+    case), with the peak RSS of each: the kernel's high-water mark, reset after every step."""
+    stages = []
+    t0 = time.perf_counter()
+
+    def mark(stage: str, **arrays) -> None:
+        rss, hwm = _rss_status()
+        stages.append({"stage": stage, "rss_after_gb": rss / GB, "peak_gb": hwm / GB,
+                       "s": time.perf_counter() - t0, **{k: v / GB for k, v in arrays.items()}})
+        _reset_peak_rss()
+
+    mark("interpreter, numpy")
+    import torch
+
+    mark("import torch")
+    from noisy_student_nnunet.inference import LowFootprintPredictor
+    from noisy_student_nnunet.inference.preprocessing import preprocess_case
+    from noisy_student_nnunet.cpu_threads import cpu_thread_count
+
+    mark("import nnU-Net's predictor and ours (nnunetv2, torch._dynamo, SimpleITK, scipy, skimage)")
+    torch.set_num_threads(cpu_thread_count())
+    predictor = LowFootprintPredictor(device=torch.device("cpu"), allow_tqdm=False, precision=precision)
+    predictor.initialize_from_trained_model_folder(str(model), (0,))
+    weights = sum(v.numel() * v.element_size() for v in predictor.list_of_parameters[0].values())
+    mark("model loaded (checkpoint, network)", weights_gb=2 * weights)
+    data, properties = preprocess_case([str(image)], None, predictor.plans_manager, predictor.configuration_manager,
+                                       predictor.dataset_json)
+    voxels = int(np.prod(properties["shape_before_cropping"]))
+    mark("read + preprocess (crop, normalise, resample)", input_int16_gb=2 * voxels, input_float32_gb=4 * voxels,
+         resampled_gb=data.nbytes)
+    data = torch.from_numpy(data)
+    logits = predictor.predict_logits_from_preprocessed_data(data)
+    del data
+    mark("network, sliding window", logits_gb=logits.numel() * logits.element_size())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    predictor.export_case(logits, properties, str(out))
+    mark("export (argmax, nearest resize, write)", labels_gb=voxels)
+    return {"stages": stages, "precision": predictor.precision.name}
+
+
+def memory_breakdown(root: Path, dataset_name: str, precision: str) -> dict:
+    model = root / "results" / dataset_name / f"nnUNetTrainer__nnUNetPlans__{mf.CONFIGURATION}"
+    done = subprocess.run([sys.executable, __file__, "_memory_worker", str(model), str(root / "in" / "case_0000.nii.gz"),
+                           precision, str(root / "out_memory" / "case")], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_breakdown(breakdown: dict) -> None:
+    print(f"\nPeak RSS of ours stage by stage ({breakdown['precision']}; one process, the kernel's high-water mark "
+          f"reset after each stage; the arrays' sizes for reference):")
+    rows = []
+    for st in breakdown["stages"]:
+        arrays = ", ".join(f"{k[:-3].replace('_', ' ')} {v:.3f}" for k, v in st.items() if k.endswith("_gb")
+                           and k not in ("rss_after_gb", "peak_gb"))
+        rows.append({**st, "arrays": arrays})
+    print(table(rows, [("stage", "stage"), ("peak_gb", "peak RSS during (GB)"), ("rss_after_gb", "RSS after (GB)"),
+                       ("arrays", "arrays (GB)"), ("s", "time since start (s)")]))
+
+
+def bench_memory(args) -> None:
+    work = Path(args.workdir)
+    shape, spacing, plans_spacing, patch_request = e2e_geometry(args)
+    architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
+    name = f"e2e_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
+    root, _, _ = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture, E2E_DATASET)
+    print_breakdown(memory_breakdown(root, E2E_DATASET, args.precision))
+
+
+# ----------------------------------------------------------------------------- (f) one patch
+def patch_worker(mode: str, threads: int, repeats: int) -> dict:
+    """Seconds per forward pass of the half-width U-Net on one 40 x 224 x 192 patch, in this fresh process."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    torch.set_num_threads(threads)
+    architecture, patch = mf.half_width_architecture((2.5, 1.6, 1.6), (40, 224, 192))
+    net = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                 architecture["_kw_requires_import"], 1, NUM_CLASSES, allow_init=True,
+                                 deep_supervision=False).eval()
+    x = torch.randn(1, 1, *patch)
+    channels_last = mode.endswith("_cl")
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    times = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
+        for _ in range(repeats + 1):  # the first pass builds oneDNN's kernels
+            t = time.perf_counter()
+            net(x)
+            times.append(time.perf_counter() - t)
+    rss, hwm = _rss_status()
+    return {"mode": mode, "threads": threads, "s_per_patch": float(np.median(times[1:])), "first_s": times[0],
+            "peak_gb": hwm / GB}
+
+
+def bench_patch(args) -> None:
+    rows = []
+    for threads in args.threads:
+        for mode in args.modes:
+            done = subprocess.run([sys.executable, __file__, "_patch_worker", mode, str(threads), str(args.repeats)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{mode}: failed\n{done.stderr[-2000:]}")
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"  {mode}, {threads} threads: {rows[-1]['s_per_patch']:.2f} s", flush=True)
+    print(f"\n(f) one 40 x 224 x 192 patch, half-width U-Net, median of {args.repeats}. Machine: {machine()}; "
+          f"{_cpu_flags_note()}; load avg. {os.getloadavg()[0]:.1f}")
+    print(table(rows, [("mode", "mode"), ("threads", "threads"), ("s_per_patch", "s / patch"),
+                       ("first_s", "first pass (s)"), ("peak_gb", "peak RSS (GB)")]))
 
 
 def bench_huge(args) -> None:
@@ -365,11 +610,9 @@ def bench_gpu(args) -> None:
               "argmax and resizing on the device) is exercised by this benchmark where a GPU exists.")
         return
     work = Path(args.workdir)
-    shape = (args.slices, args.inplane, args.inplane)
-    spacing = (args.slice_spacing, args.pixel_spacing, args.pixel_spacing)
-    plans_spacing = (2.5, 0.8, 0.8)
-    architecture, patch = mf.half_width_architecture(plans_spacing, (40, 224, 192))
-    name = f"gpu_{'x'.join(map(str, shape))}"
+    shape, spacing, plans_spacing, patch_request = e2e_geometry(args)
+    architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
+    name = f"gpu_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
     root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture,
                                     "Dataset982_BenchGpu")
     rows = []
@@ -388,6 +631,12 @@ def main(argv=None) -> int:
     if argv and argv[0] == "_export_worker":
         print(json.dumps(export_worker(Path(argv[1]), argv[2], Path(argv[3]))))
         return 0
+    if argv and argv[0] == "_memory_worker":
+        print(json.dumps(memory_worker(Path(argv[1]), Path(argv[2]), argv[3], Path(argv[4]))))
+        return 0
+    if argv and argv[0] == "_patch_worker":
+        print(json.dumps(patch_worker(argv[1], int(argv[2]), int(argv[3]))))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nsn_bench_inference"))
     sub = parser.add_subparsers(dest="what", required=True)
@@ -396,19 +645,36 @@ def main(argv=None) -> int:
     p.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7), help="image spacing z y x (mm)")
     p.add_argument("--plans_spacing", type=float, nargs=3, default=(2.5, 0.8, 0.8))
     p.add_argument("--impls", nargs="+", default=["stock", "nearest", "linear"])
-    for name, default_slices in (("e2e", 240), ("gpu", 240)):
-        p = sub.add_parser(name, help="(b) end to end on CPU" if name == "e2e" else "(c) GPU end to end")
-        p.add_argument("--slices", type=int, default=default_slices)
-        p.add_argument("--inplane", type=int, default=512)
-        p.add_argument("--pixel_spacing", type=float, default=0.74)
-        p.add_argument("--slice_spacing", type=float, default=1.25)
-        p.add_argument("--runs", nargs="+", default=["stock", "stock_notta", "ours", "ours_linear"],
-                       choices=["stock", "stock_notta", "ours", "ours_linear"])
+    runs = ["stock", "stock_notta", "ours_fp32", "ours", "ours_linear"]
+    for name in ("e2e", "gpu", "memory"):
+        p = sub.add_parser(name, help={"e2e": "(b) end to end on CPU", "gpu": "(c) GPU end to end",
+                                       "memory": "(e) ours' peak RSS stage by stage"}[name])
+        p.add_argument("--shape", type=int, nargs=3, default=(269, 433, 523), help="image shape z y x")
+        p.add_argument("--spacing", type=float, nargs=3, default=(1.25, 0.7, 0.7), help="image spacing z y x (mm)")
+        p.add_argument("--plans_spacing", type=float, nargs=3, default=(2.5, 1.6, 1.6), help="z y x (mm)")
+        p.add_argument("--patch", type=int, nargs=3, default=(40, 224, 192))
+        p.add_argument("--slices", type=int, default=None, help="overrides --shape's z")
+        p.add_argument("--inplane", type=int, default=None, help="overrides --shape's y and x")
+        p.add_argument("--pixel_spacing", type=float, default=None, help="overrides --spacing's y and x")
+        p.add_argument("--slice_spacing", type=float, default=None, help="overrides --spacing's z")
+        if name == "memory":
+            p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+            continue
+        p.add_argument("--runs", nargs="+", default=["stock", "stock_notta", "ours_fp32", "ours"], choices=runs)
+        p.add_argument("--accuracy_iterations", type=int, default=600 if name == "e2e" else 0,
+                       help="train a small model this long for the bf16-vs-fp32 accuracy guard (0: skip)")
+        p.add_argument("--no_breakdown", dest="breakdown", action="store_false",
+                       help="skip the stage-by-stage RSS breakdown of ours")
+    p = sub.add_parser("patch", help="(f) one network patch: precision, channels-last, threads")
+    p.add_argument("--modes", nargs="+", default=["fp32", "bf16", "fp32_cl", "bf16_cl"])
+    p.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1])
+    p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("huge", help="(d) 512x512xN input, tiny network")
     p.add_argument("--slices", type=int, default=1000)
-    p.add_argument("--runs", nargs="+", default=["ours"], choices=["stock", "stock_notta", "ours", "ours_linear"])
+    p.add_argument("--runs", nargs="+", default=["ours"], choices=runs)
     args = parser.parse_args(argv)
-    {"export": bench_export, "e2e": bench_e2e, "gpu": bench_gpu, "huge": bench_huge}[args.what](args)
+    {"export": bench_export, "e2e": bench_e2e, "gpu": bench_gpu, "huge": bench_huge, "memory": bench_memory,
+     "patch": bench_patch}[args.what](args)
     return 0
 
 

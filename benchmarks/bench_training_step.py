@@ -7,7 +7,7 @@ architecture function for the recipe's width and patch at 2.5 x 0.75 x 0.75 mm),
 recipe's batch size; the loss is a stand-in (mean of the outputs), so the step is the network's forward
 and backward pass and the optimiser. Each mode runs in this process after 3 warm-up steps; the table
 reports seconds per step and the speed-up of bf16. On a CPU without native bf16 the bf16 row is
-emulated (slower); the trainers use it only where :func:`cpu_has_native_bf16` says yes.
+emulated (slower); the trainers use it only where :func:`~noisy_student_nnunet.inference.precision.cpu_native_bf16` says yes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from noisy_student_nnunet.cpu_threads import cpu_has_native_bf16
+from noisy_student_nnunet.inference.precision import cpu_native_bf16
 from noisy_student_nnunet.recipe import load_recipe
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     network, patch = build_network(recipe)
     batch = torch.randn(recipe["network"]["batch_size"], 1, *patch)
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, native bf16: "
-          f"{cpu_has_native_bf16()}; recipe {recipe['name']}: batch {batch.shape[0]} x {list(patch)}")
+          f"{cpu_native_bf16()[0]}; recipe {recipe['name']}: batch {batch.shape[0]} x {list(patch)}")
     print(f"{'threads':>7} {'fp32 s/step':>12} {'bf16 s/step':>12} {'bf16 speed-up':>14}")
     for threads in args.threads:
         torch.set_num_threads(threads)

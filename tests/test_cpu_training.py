@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from noisy_student_nnunet.cpu_threads import available_cores, cpu_has_native_bf16, cpu_thread_count
+from noisy_student_nnunet.cpu_threads import available_cores, cpu_thread_count
+from noisy_student_nnunet.inference.precision import cpu_native_bf16
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.recipe import load_recipe, validate_recipe
 from noisy_student_nnunet.trainers.base import Fp32Loss, build_optimizer
@@ -71,5 +72,8 @@ def test_fp32_loss_under_bf16_autocast_equals_the_fp32_loss():
     assert value.item() == pytest.approx(loss(output.bfloat16().float(), target).item(), rel=1e-6)
 
 
-def test_native_bf16_detection_answers_without_error():
-    assert isinstance(cpu_has_native_bf16(), bool)
+def test_native_bf16_detection_answers_and_env_forces_it(monkeypatch):
+    native, why = cpu_native_bf16()
+    assert isinstance(native, bool) and why
+    monkeypatch.setenv("NSN_CPU_BF16", "0")
+    assert cpu_native_bf16()[0] is False

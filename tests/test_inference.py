@@ -197,6 +197,22 @@ def test_preprocessing_equals_stock(tmp_path, plans_spacing, transpose):
         assert props[key] == ref_props[key], key
 
 
+@pytest.mark.parametrize("order", [0, 1, 3])
+@pytest.mark.parametrize("new_shape", [(13, 29, 31), (41, 90, 70)])
+def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape):
+    """The lean 3D path (no separate z) against stock ``resample_data_or_seg``, down- and upsampling."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    from noisy_student_nnunet.inference.preprocessing import resample_3d_lean
+
+    data = np.random.default_rng(order).normal(size=(2, 27, 61, 58)).astype(np.float32)
+    data[:, :3] = 7.0  # flat regions: clipping to the input range matters
+    ref = resample_data_or_seg(data, new_shape, is_seg=False, order=order, do_separate_z=False)
+    ours = resample_3d_lean(data, new_shape, order)
+    assert ours.dtype == ref.dtype == np.float32
+    np.testing.assert_array_equal(ours, ref)
+
+
 # ----------------------------------------------------------------------------- logits, folds, Python API
 @pytest.fixture(scope="module")
 def two_fold_model(tmp_path_factory):
@@ -211,7 +227,7 @@ def test_fold_average_equals_stock_and_softmax_mode(two_fold_model):
     folder, image = two_fold_model
     stock = nnUNetPredictor(use_mirroring=False, device=CPU, allow_tqdm=False)
     stock.initialize_from_trained_model_folder(str(folder), (0, 1))
-    ours = LowFootprintPredictor(device=CPU, allow_tqdm=False)
+    ours = LowFootprintPredictor(device=CPU, allow_tqdm=False, precision="fp32")  # stock's CPU precision
     ours.initialize_from_trained_model_folder(str(folder), (0, 1))
     data, _ = preprocess_case([str(image)], None, ours.plans_manager, ours.configuration_manager, ours.dataset_json)
     data = torch.from_numpy(data)
@@ -306,8 +322,9 @@ def results_env(tmp_path_factory):
     subprocess.run([str(BIN / "nnUNetv2_predict"), *common, "-o", str(stock), "--disable_tta", "-npp", "0",
                     "-nps", "0"], env=env, check=True, capture_output=True)
     ours = root / "ours"
-    done = subprocess.run([str(BIN / "nnUNetv2_predict_lowfootprint"), *common, "-o", str(ours)], env=env,
-                          capture_output=True, text=True)
+    # fp32, stock's CPU precision: these tests are about geometry and export (bf16: test_precision.py)
+    done = subprocess.run([str(BIN / "nnUNetv2_predict_lowfootprint"), *common, "-o", str(ours), "--precision",
+                           "fp32"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return {"root": root, "env": env, "common": common, "stock": stock, "ours": ours, "inputs": inputs,
             "plans": plans}
@@ -339,7 +356,7 @@ def test_linear_export_end_to_end_matches_stock(results_env, monkeypatch):
     """Python API, --export linear: same labels as stock nnUNetv2_predict --disable_tta."""
     folder = Path(results_env["env"]["nnUNet_results"]) / results_env["plans"]["dataset_name"] / \
         f"nnUNetTrainer__nnUNetPlans__{mf.CONFIGURATION}"
-    predictor = LowFootprintPredictor(device=CPU, allow_tqdm=False, export_mode="linear")
+    predictor = LowFootprintPredictor(device=CPU, allow_tqdm=False, export_mode="linear", precision="fp32")
     predictor.initialize_from_trained_model_folder(str(folder), (0,))
     out = results_env["root"] / "ours_linear"
     predictor.predict_from_files(str(results_env["inputs"]), str(out), num_processes_preprocessing=0,

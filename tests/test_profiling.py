@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from noisy_student_nnunet.cli import main
-from noisy_student_nnunet.profiling import flare_gpu_max_mb, open_gpu_reader, profile_command
+from noisy_student_nnunet.profiling import NvmlReader, flare_gpu_max_mb, open_gpu_reader, profile_command
 
 ALLOC_MB = 200  # per process; the child and its own child each hold this much
 BUSY_S = 3.0
@@ -120,6 +120,32 @@ def test_no_gpu_gives_null_not_zero(tmp_path):
     if open_gpu_reader() is None:  # this machine has no GPU: the default detection gives nulls too
         auto = profile_command([sys.executable, "-c", "pass"]).to_dict()
         assert auto["gpu_memory_peak_mb"] is None and auto["gpu_backend"] is None
+
+
+def test_gpu_memory_comes_from_nvidia_ml_py():
+    """NVML is read through nvidia-ml-py (a dependency, importable everywhere); without an NVIDIA driver or device
+    there is no reader (no GPU numbers) and no crash; with one, the device's memory reads back."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        has_nvml = True
+    except pynvml.NVMLError:
+        has_nvml = False
+    reader = open_gpu_reader()
+    if not has_nvml:
+        assert reader is None
+        with pytest.raises(pynvml.NVMLError):
+            NvmlReader(0)
+        return
+    try:
+        assert reader is not None and reader.backend == "pynvml" and reader.name
+        assert reader.device_used_mb() >= 0
+        per_process = reader.process_used_mb()
+        assert per_process is None or all(isinstance(pid, int) for pid in per_process)
+    finally:
+        reader.close()
 
 
 class FakeGpu:

@@ -152,6 +152,7 @@ def world(tmp_path_factory):
 
 
 def _settings(world, images=None, **kwargs) -> PseudolabelSettings:
+    kwargs.setdefault("precision", "fp32")  # stock's CPU precision: the reference test compares with stock
     return PseudolabelSettings(labeled_dataset=LABELED, images_dir=images or world["images"], folds=(0, 1), **kwargs)
 
 
@@ -312,7 +313,7 @@ def _nsn(*args: str) -> list[str]:
 def test_killed_run_resumes_to_the_uninterrupted_result(world, reference):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = _nsn("-d", LABELED, "-i", str(world["images"]), "-f", "0", "1", "-o", "Dataset302_Killed", "-device",
-                "cpu", "--disable_progress_bar")
+                "cpu", "--disable_progress_bar", "--precision", "fp32")
     cases_dir = world["raw"] / "Dataset302_Killed" / "pseudolabel_cases"
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300

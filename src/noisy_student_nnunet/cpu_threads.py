@@ -10,6 +10,7 @@ epoch took 52 s with 2 threads on one core against 4.4 s alone). We use ``$NSN_N
 
 from __future__ import annotations
 
+import math
 import os
 
 from noisy_student_nnunet.errors import NsnError
@@ -17,12 +18,32 @@ from noisy_student_nnunet.errors import NsnError
 ENV_VAR = "NSN_NUM_THREADS"
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask), else the machine's count."""
+def _cgroup_quota_cpus() -> float | None:
+    """CPUs allowed by a cgroup CPU quota (v2 ``cpu.max``, v1 ``cfs_quota_us``; ``docker --cpus``), None without."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        with open("/sys/fs/cgroup/cpu.max") as handle:
+            quota, period = handle.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as q, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as p:
+            quota, period = int(q.read()), int(p.read())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its affinity mask (else the machine's count), bounded by a cgroup quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota_cpus()
+    if quota is not None:
+        n = min(n, math.ceil(quota))
+    return max(1, n)
 
 
 def cpu_thread_count(environ: dict[str, str] | None = None) -> int:
@@ -40,15 +61,3 @@ def cpu_thread_count(environ: dict[str, str] | None = None) -> int:
             raise NsnError(f"{var} must be a positive integer, got {value!r}")
         return threads
     return available_cores()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU executes bf16 matrix work natively (AMX-BF16 or AVX512-BF16).
-
-    Elsewhere torch emulates bf16 and autocast is slower than fp32. The checks are private torch
-    functions (present in 2.14); without them we say no.
-    """
-    import torch
-
-    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
-    return any(check is not None and bool(check()) for check in checks)

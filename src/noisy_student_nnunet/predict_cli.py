@@ -14,7 +14,8 @@ stock argument keeps its name, default and meaning, except:
   such case with a traceback (and predicts a truncated ``.nii.gz`` silently).
 
 Added: ``--export nearest|linear`` (nearest: the paper's argmax then nearest neighbour; linear: stock's labels
-at low memory) and ``--combine logits|softmax`` (how folds are averaged).
+at low memory), ``--combine logits|softmax`` (how folds are averaged) and ``--precision auto|fp32|bf16``.
+On CPU the network gets the cores this process may use (stock: the host's CPU count, capped at 8).
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "scores, then argmax), computed slab by slab at low memory. Default: nearest")
     parser.add_argument("--combine", choices=("logits", "softmax"), default="logits",
                         help="How folds are averaged: logits (stock) or softmax probabilities. Default: logits")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="Network precision. auto: bf16 autocast on a CPU that executes bf16 natively "
+                             "(AMX-BF16 or AVX512_BF16; NSN_CPU_BF16=0 says it does not), else fp32; on CUDA "
+                             "stock's fp16 autocast. fp32 / bf16: as named, on CPU or CUDA. Default: auto")
     return parser
 
 
@@ -172,14 +177,13 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     model_folder = _model_folder(args)
 
-    import multiprocessing
-
     import torch
 
     from noisy_student_nnunet.inference import LowFootprintPredictor
+    from noisy_student_nnunet.cpu_threads import cpu_thread_count
 
     if args.device == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
+        torch.set_num_threads(cpu_thread_count())
         device = torch.device("cpu")
     elif args.device == "cuda":
         if not torch.cuda.is_available():
@@ -190,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = torch.device("mps")
 
+    if args.precision == "bf16" and device.type not in ("cpu", "cuda"):
+        raise NsnError(f"--precision bf16: supported on cpu and cuda, not {device.type}")
     os.makedirs(args.o, exist_ok=True)
     predictor = LowFootprintPredictor(
         tile_step_size=args.step_size,
@@ -202,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         allow_tqdm=not args.disable_progress_bar,
         export_mode=args.export,
         fold_combination=args.combine,
+        precision=args.precision,
     )
     predictor.initialize_from_trained_model_folder(model_folder, args.f, checkpoint_name=args.chk)
     from noisy_student_nnunet.inference import FailedCases

@@ -15,7 +15,6 @@ in its own process group so that Ctrl-C (or SIGTERM) ends its whole tree. No GPU
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -65,7 +64,10 @@ def _default_gpu_selector() -> int | str:
     return visible if visible.startswith(("GPU-", "MIG-")) else 0
 
 
-class _PynvmlReader:
+class NvmlReader:
+    """NVML through nvidia-ml-py (``pynvml``, NVIDIA's maintained binding: it tracks the driver's struct
+    versions, so no hand-written ctypes layouts here)."""
+
     backend = "pynvml"
 
     def __init__(self, selector: int | str) -> None:
@@ -77,7 +79,7 @@ class _PynvmlReader:
             if isinstance(selector, int):
                 self._handle = pynvml.nvmlDeviceGetHandleByIndex(selector)
             else:
-                self._handle = pynvml.nvmlDeviceGetHandleByUUID(selector.encode())
+                self._handle = pynvml.nvmlDeviceGetHandleByUUID(selector)
             name = pynvml.nvmlDeviceGetName(self._handle)
         except Exception:
             pynvml.nvmlShutdown()
@@ -91,11 +93,12 @@ class _PynvmlReader:
         return float(round((info.total - info.free) / MB))
 
     def process_used_mb(self) -> dict[int, float] | None:
+        """Per-process use; None where the driver does not report it (some vGPU/MIG setups: stop asking)."""
         if not self._per_process:
             return None
         try:
             processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
-        except Exception:
+        except self._nvml.NVMLError:
             self._per_process = False
             return None
         return {int(p.pid): p.usedGpuMemory / MB for p in processes if p.usedGpuMemory is not None}
@@ -104,101 +107,14 @@ class _PynvmlReader:
         self._nvml.nvmlShutdown()
 
 
-class _NvmlMemory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-
-class _NvmlProcessV2(ctypes.Structure):  # nvmlProcessInfo_t of the _v2 and _v3 calls
-    _fields_ = [
-        ("pid", ctypes.c_uint),
-        ("usedGpuMemory", ctypes.c_ulonglong),
-        ("gpuInstanceId", ctypes.c_uint),
-        ("computeInstanceId", ctypes.c_uint),
-    ]
-
-
-class _NvmlProcessV1(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong)]
-
-
-class _CtypesNvmlReader:
-    """NVML through ctypes, for machines with the driver but without the pynvml package."""
-
-    backend = "nvml-ctypes"
-    _NOT_AVAILABLE = 2**64 - 1
-    _INSUFFICIENT_SIZE = 7
-
-    def __init__(self, selector: int | str) -> None:
-        lib = ctypes.CDLL("libnvidia-ml.so.1")
-        self._lib = lib
-        self._check(lib.nvmlInit_v2(), "nvmlInit")
-        self._handle = ctypes.c_void_p()
-        try:
-            if isinstance(selector, int):
-                self._check(lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(selector), ctypes.byref(self._handle)), "handle")
-            else:
-                self._check(lib.nvmlDeviceGetHandleByUUID(selector.encode(), ctypes.byref(self._handle)), "handle")
-            buffer = ctypes.create_string_buffer(96)
-            self._check(lib.nvmlDeviceGetName(self._handle, buffer, ctypes.c_uint(96)), "name")
-        except Exception:
-            lib.nvmlShutdown()
-            raise
-        self.name = buffer.value.decode(errors="replace")
-        self.index = selector
-        self._process_call, self._process_struct = None, None
-        for call, struct in (
-            ("nvmlDeviceGetComputeRunningProcesses_v3", _NvmlProcessV2),
-            ("nvmlDeviceGetComputeRunningProcesses_v2", _NvmlProcessV2),
-            ("nvmlDeviceGetComputeRunningProcesses", _NvmlProcessV1),
-        ):
-            if hasattr(lib, call):
-                self._process_call, self._process_struct = getattr(lib, call), struct
-                break
-
-    @staticmethod
-    def _check(code: int, what: str) -> None:
-        if code != 0:
-            raise OSError(f"NVML {what} failed with code {code}")
-
-    def device_used_mb(self) -> float:
-        memory = _NvmlMemory()
-        self._check(self._lib.nvmlDeviceGetMemoryInfo(self._handle, ctypes.byref(memory)), "memory")
-        return float(round((memory.total - memory.free) / MB))
-
-    def process_used_mb(self) -> dict[int, float] | None:
-        if self._process_call is None:
-            return None
-        size = 64
-        for _ in range(4):
-            count = ctypes.c_uint(size)
-            entries = (self._process_struct * size)()
-            code = self._process_call(self._handle, ctypes.byref(count), entries)
-            if code == self._INSUFFICIENT_SIZE:
-                size = max(size * 2, count.value + 8)
-                continue
-            if code != 0:
-                self._process_call = None  # not supported here (e.g. some vGPU); stop asking
-                return None
-            return {
-                int(e.pid): e.usedGpuMemory / MB
-                for e in entries[: count.value]
-                if e.usedGpuMemory != self._NOT_AVAILABLE
-            }
-        return None
-
-    def close(self) -> None:
-        self._lib.nvmlShutdown()
-
-
 def open_gpu_reader(selector: int | str | None = None) -> GpuReader | None:
-    """An NVML reader for the selected device (pynvml if installed, else ctypes), or None without GPU."""
+    """An NVML reader for the selected device, or None where there is none to read (no NVIDIA driver, no such
+    device, nvidia-ml-py missing): no GPU numbers then, never a crash."""
     selector = _default_gpu_selector() if selector is None else selector
-    for reader in (_PynvmlReader, _CtypesNvmlReader):
-        try:
-            return reader(selector)
-        except Exception:  # no package, no driver, no such device: try the next, then give up
-            continue
-    return None
+    try:
+        return NvmlReader(selector)
+    except Exception:  # ImportError, NVMLError (library not found, no device, ...), OSError
+        return None
 
 
 # ------------------------------------------------------------------------------------------- CPU

@@ -66,6 +66,9 @@ def add_parser(subparsers) -> None:
                              "the student's preprocessed data directly from the teacher's grid")
     parser.add_argument("-device", dest="device", default=None, choices=["cuda", "cpu"],
                         help="device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="network precision: auto = bf16 on a CPU with native bf16 (AMX-BF16/AVX512_BF16), "
+                             "else fp32; fp16 on CUDA (default: auto)")
     parser.add_argument("--enable-tta", dest="enable_tta", action="store_true",
                         help="mirroring test-time augmentation (off by default: low-footprint inference)")
     parser.add_argument("-step_size", dest="step_size", type=float, default=0.5,
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         labeled_dataset=args.dataset, images_dir=args.images, folds=args.folds, trainer=args.trainer,
         plans=args.plans, student_plans=args.student_plans, configuration=args.configuration, checkpoint=args.checkpoint,
         enable_tta=args.enable_tta, ignore_below=args.ignore_below,
-        direct_preprocessed=not args.stock_preprocessing, tile_step_size=args.step_size)
+        direct_preprocessed=not args.stock_preprocessing, tile_step_size=args.step_size, precision=args.precision)
     if args.finalize:
         result = finalize(settings, output=args.output, keep_top=args.keep_top, min_confidence=args.min_confidence,
                           num_processes=args.num_processes)

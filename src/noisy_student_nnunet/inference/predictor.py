@@ -3,6 +3,10 @@
 What differs from ``nnUNetPredictor`` (everything else, including the sliding window, is inherited):
 
 - No mirroring by default (``use_mirroring=False``); fp16 autocast on CUDA is stock's.
+- ``precision='auto'``: bf16 autocast on a CPU that executes bf16 natively, fp32 on other CPUs, stock's fp16
+  autocast on CUDA (:mod:`noisy_student_nnunet.inference.precision`). Mirrored passes are summed in fp32.
+- The network gets as many CPU threads as the process has cores (stock caps it at ``nnUNet_def_n_proc``, 8):
+  :mod:`noisy_student_nnunet.cpu_threads`.
 - Export: argmax at the network's resolution, then nearest-neighbour resampling of the label map
   (``export_mode='nearest'``), or stock-equal linear resampling of scores slab by slab (``'linear'``); see
   :mod:`noisy_student_nnunet.inference.export`. ``save_probabilities`` uses stock's export unchanged.
@@ -21,6 +25,7 @@ What differs from ``nnUNetPredictor`` (everything else, including the sliding wi
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +50,8 @@ from noisy_student_nnunet.inference.export import (
     labels_in_original_geometry,
     write_labels,
 )
+from noisy_student_nnunet.cpu_threads import available_cores
+from noisy_student_nnunet.inference.precision import Precision, choose_precision
 from noisy_student_nnunet.inference.preprocessing import preprocess_case
 from noisy_student_nnunet.io_checks import check_case_files, check_channels_read, group_case_files, \
     name_unreadable_file
@@ -146,7 +153,10 @@ class LowFootprintPredictor(nnUNetPredictor):
                  allow_tqdm: bool = True,
                  export_mode: str = NEAREST,
                  fold_combination: str = "logits",
-                 slab_bytes: int = 64 * 1024**2):
+                 slab_bytes: int = 64 * 1024**2,
+                 precision: str = "auto"):
+        """``precision``: 'auto', 'fp32' or 'bf16' (see :func:`~noisy_student_nnunet.inference.precision.
+        choose_precision`); the choice and its reason are printed once here."""
         if export_mode not in EXPORT_MODES:
             raise ValueError(f"export_mode must be one of {EXPORT_MODES}, got {export_mode!r}")
         if fold_combination not in FOLD_COMBINATIONS:
@@ -158,6 +168,8 @@ class LowFootprintPredictor(nnUNetPredictor):
         self.fold_combination = fold_combination
         self.slab_bytes = int(slab_bytes)
         self.failed_cases: dict[str, str] = {}  #: case id -> why, of the last predict_from_files
+        self.precision: Precision = choose_precision(precision, self.device)
+        print(f"LowFootprintPredictor: {self.precision.describe()}", flush=True)
 
     # ------------------------------------------------------------------ prediction of logits
     def _keep_on_device(self) -> bool:
@@ -189,6 +201,23 @@ class LowFootprintPredictor(nnUNetPredictor):
                 view.copy_(torch.log(p) - torch.log1p(-p))
             else:
                 view.copy_(torch.log(p))
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Stock's network call (and mirrored calls with TTA) in this predictor's precision; the result and the
+        sum over mirrored passes are fp32 whatever the network ran in (a bf16 sum of 8 passes loses digits)."""
+        with self.precision.autocast():
+            prediction = self.network(x).float()
+        if self.use_mirroring and self.allowed_mirroring_axes is not None:
+            mirror_axes = [m + 2 for m in self.allowed_mirroring_axes]
+            assert max(mirror_axes) <= x.ndim - 1, "mirror_axes does not match the dimension of the input!"
+            combinations = [c for i in range(len(mirror_axes)) for c in itertools.combinations(mirror_axes, i + 1)]
+            for axes in combinations:
+                with self.precision.autocast():
+                    mirrored = self.network(torch.flip(x, axes))
+                prediction += torch.flip(mirrored, axes).float()
+                del mirrored
+            prediction /= len(combinations) + 1
+        return prediction
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers,
@@ -259,11 +288,12 @@ class LowFootprintPredictor(nnUNetPredictor):
         """fp16 ``(C, *data.shape[1:])``: logits averaged over folds (or log of the mean softmax).
 
         Stays on the GPU when ``perform_everything_on_device`` and the device is CUDA (falls back to the CPU when
-        memory runs out), else on the CPU. On CPU the network runs in fp32 (fp16 convolutions are far slower there)
-        and only the accumulator is fp16, as in stock's sliding window.
+        memory runs out), else on the CPU. On CPU the network runs in ``self.precision`` (fp32 or bf16; fp16
+        convolutions are far slower there) and the accumulator is fp16, as in stock's sliding window. Threads: the
+        caller's torch setting, at most the cores this process may use (no cap at ``nnUNet_def_n_proc``).
         """
         n_threads = torch.get_num_threads()
-        torch.set_num_threads(default_num_processes if default_num_processes < n_threads else n_threads)
+        torch.set_num_threads(min(n_threads, available_cores()))
         try:
             total = None
             for params in self.list_of_parameters:

@@ -2,13 +2,20 @@
 
 Stock ``DefaultPreprocessor.run_case`` does, for an image without a previous-stage segmentation, three things
 the predictor does not need or can do leaner: it copies the image to float32 once more, it resamples the
-nonzero mask (then discarded by the predictor), and its out-of-plane resampling
-(``resample_data_or_seg`` with ``do_separate_z``) builds float64 coordinate grids of the whole output
-(about 50 bytes per output voxel). :func:`preprocess_case` runs the same steps (transpose, crop to nonzero,
-normalise, resample) with the same functions, but resamples slice by slice: each needed input slice gets the
-identical skimage in-plane call, out-of-plane order 0 picks slices with stock's rounding. The output is equal to
-stock's bit for bit (tested). Anything else (custom preprocessors, other resampling functions or orders,
-cascades) runs stock's code.
+nonzero mask (then discarded by the predictor), and its resampling makes whole-volume float64 copies:
+
+- with ``do_separate_z`` (anisotropic spacing), float64 coordinate grids of the whole output (about 50 bytes
+  per output voxel). Here: slice by slice; each needed input slice gets the identical skimage in-plane call,
+  out-of-plane order 0 picks slices with stock's rounding.
+- without (the 3D path, e.g. 0.7 x 0.7 x 1.25 mm to 1.6 x 1.6 x 2.5 mm): skimage ``resize`` of a float64 copy,
+  which scipy's ``zoom`` pads by 12 voxels (another copy) and spline-prefilters into a third: about 26 bytes per
+  input voxel on top of the float32 image, 1.6 GB for a 523 x 433 x 269 CT. Here: the float32 channel is
+  written once into the padded float64 array, prefiltered in place and interpolated by scipy's own routine
+  (:func:`resize_3d_lean`): 8 bytes per input voxel.
+
+:func:`preprocess_case` runs the same steps (transpose, crop to nonzero, normalise, resample) with the same
+functions. The output is equal to stock's bit for bit (tested). Anything else (custom preprocessors, other
+resampling functions, order_z != 0, cascades) runs stock's code.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ STOCK_RESAMPLING_FN = "resample_data_or_seg_to_shape"
 
 
 def _lean_resampling_plan(configuration_manager, current_spacing, new_spacing):
-    """``(axis, order)`` when the slice-wise path reproduces the plans' data resampling, else None."""
+    """``(axis, order)`` when a lean path reproduces the plans' data resampling (``axis`` None: the 3D path),
+    else None."""
     from nnunetv2.configuration import ANISO_THRESHOLD
     from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
@@ -37,9 +45,12 @@ def _lean_resampling_plan(configuration_manager, current_spacing, new_spacing):
         kwargs.get("force_separate_z", False), current_spacing, new_spacing,
         kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
     )
-    if not do_separate_z or axis is None:
+    order = int(kwargs.get("order", 3))
+    if not do_separate_z:
+        return None, order
+    if axis is None:
         return None
-    return int(axis), int(kwargs.get("order", 3))
+    return int(axis), order
 
 
 def resample_separate_z_lean(data: np.ndarray, new_shape: Sequence[int], axis: int, order: int) -> np.ndarray:
@@ -62,6 +73,84 @@ def resample_separate_z_lean(data: np.ndarray, new_shape: Sequence[int], axis: i
                 index = [slice(None)] * 3
                 index[axis] = int(o)
                 out[(c, *index)] = resized
+    return out
+
+
+_SPLINE_PAD = 12  # scipy.ndimage.zoom pads by this much (mode 'nearest') before its spline prefilter
+
+
+def _zoom_shift():
+    """scipy's interpolation kernel behind ``ndimage.zoom`` (private), or None where this scipy lacks it."""
+    try:
+        from scipy.ndimage import _nd_image
+
+        return _nd_image.zoom_shift
+    except (ImportError, AttributeError):
+        return None
+
+
+def _edge_padded_float64(channel: np.ndarray, pad: int) -> np.ndarray:
+    """``np.pad(channel.astype(float), pad, mode='edge')`` with one allocation (no float64 copy of the input)."""
+    out = np.empty([n + 2 * pad for n in channel.shape], dtype=np.float64)
+    out[tuple(slice(pad, pad + n) for n in channel.shape)] = channel
+    for axis, n in enumerate(channel.shape):
+        lo, hi, first, last = [slice(None)] * out.ndim, [slice(None)] * out.ndim, [slice(None)] * out.ndim, \
+            [slice(None)] * out.ndim
+        lo[axis], first[axis] = slice(0, pad), slice(pad, pad + 1)
+        hi[axis], last[axis] = slice(pad + n, None), slice(pad + n - 1, pad + n)
+        out[tuple(lo)] = out[tuple(first)]
+        out[tuple(hi)] = out[tuple(last)]
+    return out
+
+
+def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
+    """float32 ``skimage.transform.resize(channel.astype(float), new_shape, order, mode='edge',
+    anti_aliasing=False)``, as stock's 3D resampling computes it, bit for bit, with one float64 array of the
+    padded input instead of three.
+
+    skimage calls ``scipy.ndimage.zoom(order, mode='nearest', grid_mode=True)``, which pads by 12 voxels, runs the
+    separable spline prefilter (axis by axis, float64) and interpolates; float32 values are exact in float64, so
+    filling the padded float64 array from the float32 channel gives the same numbers. Then skimage clips to the
+    input's range.
+    """
+    from scipy.ndimage import spline_filter1d
+    from scipy.ndimage._ni_support import _extend_mode_to_code
+
+    zoom_shift = _zoom_shift()
+    new_shape = tuple(int(s) for s in new_shape)
+    if zoom_shift is None:  # public route: same numbers, the padded float32 copy and the filtered one
+        from skimage.transform import resize
+
+        return resize(channel.astype(float), new_shape, order, mode="edge", anti_aliasing=False).astype(np.float32)
+    output = np.empty(new_shape, dtype=np.float64)
+    zoom = np.divide(np.array(channel.shape), np.array(new_shape), out=np.ones(channel.ndim, dtype=np.float64),
+                     where=np.array(new_shape) != 0)
+    if order > 1:
+        filtered = _edge_padded_float64(channel, _SPLINE_PAD)
+        for axis in range(filtered.ndim):  # scipy's spline_filter, in place as it does for axes after the first
+            spline_filter1d(filtered, order, axis, output=filtered, mode="nearest")
+        npad = _SPLINE_PAD
+    else:
+        filtered, npad = channel, 0
+    zoom_shift(filtered, np.ascontiguousarray(zoom), None, output, order, _extend_mode_to_code("nearest"), 0.0, npad,
+               True)
+    del filtered
+    lo, hi = np.min(channel), np.max(channel)
+    if np.isnan(lo):
+        lo, hi = np.nanmin(channel), np.nanmax(channel)
+    np.clip(output, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64), out=output)
+    return output.astype(np.float32)
+
+
+def resample_3d_lean(data: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
+    """Stock ``resample_data_or_seg(data, new_shape, is_seg=False, order=order, do_separate_z=False)`` for float32
+    ``data`` (C, X, Y, Z), channel by channel through :func:`resize_3d_lean`."""
+    new_shape = [int(s) for s in new_shape]
+    if list(data.shape[1:]) == new_shape:
+        return data
+    out = np.zeros((data.shape[0], *new_shape), dtype=data.dtype)
+    for c in range(data.shape[0]):
+        out[c] = resize_3d_lean(data[c], new_shape, order)
     return out
 
 
@@ -117,7 +206,9 @@ def preprocess_case(
     )
     del seg
     lean = _lean_resampling_plan(configuration_manager, original_spacing, target_spacing)
-    if lean is not None:
+    if lean is not None and lean[0] is None and data.dtype == np.float32:
+        data = resample_3d_lean(data, new_shape, lean[1])
+    elif lean is not None and lean[0] is not None:
         data = resample_separate_z_lean(data, new_shape, *lean)
     else:
         data = configuration_manager.resampling_fn_data(data, new_shape, original_spacing, target_spacing)

@@ -12,7 +12,6 @@ uint8 for the fold-agreement statistics.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,15 +46,18 @@ def fold_checkpoints(model_dir: Path, folds: Sequence[int | str], checkpoint_nam
     return files
 
 
-def _new_predictor(device: torch.device, use_mirroring: bool, tile_step_size: float, progress: bool):
-    """The low-footprint predictor where available (its device handling), else stock nnUNetPredictor."""
+def _new_predictor(device: torch.device, use_mirroring: bool, tile_step_size: float, progress: bool,
+                   precision: str = "auto"):
+    """The low-footprint predictor (its device handling and network precision)."""
+    from noisy_student_nnunet.inference import LowFootprintPredictor
+
     try:
-        from noisy_student_nnunet.inference import LowFootprintPredictor as predictor_class
-    except ImportError:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor as predictor_class
-    return predictor_class(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                           perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                           verbose_preprocessing=False, allow_tqdm=progress)
+        return LowFootprintPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                     perform_everything_on_device=device.type == "cuda", device=device,
+                                     verbose=False, verbose_preprocessing=False, allow_tqdm=progress,
+                                     precision=precision)
+    except ValueError as error:
+        raise NsnError(f"--precision {precision}: {error}") from None
 
 
 class TeacherEnsemble:
@@ -67,12 +69,12 @@ class TeacherEnsemble:
 
     def __init__(self, model_dir: Path | str, folds: Sequence[int | str], checkpoint_name: str = "checkpoint_final.pth",
                  device: torch.device | str = "cpu", use_mirroring: bool = False, tile_step_size: float = 0.5,
-                 progress: bool = False):
+                 progress: bool = False, precision: str = "auto"):
         self.model_dir = Path(model_dir)
         self.folds = parse_folds(folds)
         self.checkpoint_files = fold_checkpoints(self.model_dir, self.folds, checkpoint_name)
         self.device = torch.device(device) if isinstance(device, str) else device
-        self.predictor = _new_predictor(self.device, use_mirroring, tile_step_size, progress)
+        self.predictor = _new_predictor(self.device, use_mirroring, tile_step_size, progress, precision)
         try:
             self.predictor.initialize_from_trained_model_folder(str(self.model_dir), self.folds, checkpoint_name)
         except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
@@ -160,8 +162,11 @@ def model_folder(results_root: Path, dataset_name: str, trainer: str, plans: str
 
 
 def set_torch_threads(device: torch.device) -> None:
-    """As ``nnUNetv2_predict``: one thread when a GPU does the work; on CPU, torch's default (all cores)."""
+    """As ``nnUNetv2_predict``: one thread when a GPU does the work; on CPU, the cores this process may use
+    (or OMP_NUM_THREADS), not the host's CPU count (:mod:`noisy_student_nnunet.cpu_threads`)."""
+    from noisy_student_nnunet.cpu_threads import cpu_thread_count
+
     if device.type == "cuda":
         torch.set_num_threads(1)
-    elif os.environ.get("OMP_NUM_THREADS") is None:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    else:
+        torch.set_num_threads(cpu_thread_count())

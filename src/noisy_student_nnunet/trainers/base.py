@@ -20,7 +20,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from noisy_student_nnunet.augmentation import (build_training_transforms, configure_rotation_and_patch,
                                                describe_training_transforms)
-from noisy_student_nnunet.cpu_threads import cpu_has_native_bf16, cpu_thread_count
+from noisy_student_nnunet.cpu_threads import cpu_thread_count
+from noisy_student_nnunet.inference.precision import cpu_native_bf16
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.recipe import PLANS_KEY, recipe_from_plans
 
@@ -103,10 +104,10 @@ class RecipeTrainer(nnUNetTrainer):
 
         Stock trains in fp32 on the CPU (its fp16 autocast is CUDA-only). On AMX/AVX512-BF16 CPUs a demo
         training step (width 8, batch 4 of 16x32x32, one thread) takes 0.11 s under bf16 autocast against
-        0.17 s in fp32. ``NSN_CPU_BF16=0`` turns it off.
+        0.17 s in fp32. ``NSN_CPU_BF16=0`` turns it off (``=1`` forces it), as for inference's ``auto``.
         """
         return (self.device.type == "cpu" and self.recipe[self.schedule_key]["mixed_precision"]
-                and os.environ.get("NSN_CPU_BF16", "1") != "0" and cpu_has_native_bf16())
+                and cpu_native_bf16()[0])
 
     def _cpu_autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.cpu_bf16 else contextlib.nullcontext()
