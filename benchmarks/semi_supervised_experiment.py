@@ -90,7 +90,7 @@ def mean_std(values: list[float | None]) -> str:
 
 
 def report(records: list[dict], seeds: list[int], minutes: list[float], demo_args: list[str]) -> str:
-    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), `nsn demo {' '.join(demo_args)}` per seed; "
+    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), `{' '.join(['nsn demo', *demo_args])}` per seed; "
              f"minutes of this run per seed (a resumed seed counts what it redid): {', '.join(f'{m:.1f}' for m in minutes)}",
              "", "mean DSC over 13 organs and the test phantoms (%), per seed; pseudo-labels: against the unlabeled "
              "phantoms' truth"]
