@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -127,13 +128,9 @@ def _reset_peak_rss() -> None:
 def _peak_rss_bytes() -> int:
     """VmHWM from /proc (resettable), else the kernel's ``ru_maxrss``."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+        return _rss_status()[1]
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def export_worker(case: Path, impl: str, out: Path) -> dict:
@@ -319,6 +316,30 @@ def e2e_geometry(args) -> tuple[tuple, tuple, tuple, tuple]:
     return tuple(shape), tuple(spacing), tuple(args.plans_spacing), tuple(args.patch)
 
 
+@dataclass
+class HalfWidthCase:
+    """The FLARE22 half-width model with random weights and one phantom CT, as (b), (c) and (e) measure them."""
+
+    root: Path
+    inputs: Path
+    env: dict
+    shape: tuple
+    spacing: tuple
+    plans_spacing: tuple
+    patch: list
+    architecture: dict
+
+
+def half_width_case(args, prefix: str, dataset_name: str) -> HalfWidthCase:
+    """Build (or reuse, under ``--workdir``) the case that ``--shape``/``--spacing``/``--plans_spacing`` describe."""
+    shape, spacing, plans_spacing, patch_request = e2e_geometry(args)
+    architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
+    name = f"{prefix}_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
+    root, inputs, env = prepare_e2e(Path(args.workdir), name, shape, spacing, plans_spacing, patch, architecture,
+                                    dataset_name)
+    return HalfWidthCase(root, inputs, env, shape, spacing, plans_spacing, patch, architecture)
+
+
 def _labels(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
@@ -380,10 +401,10 @@ def accuracy_guard(work: Path, iterations: int, shape_zyx, spacing_zyx) -> dict:
 
 def bench_e2e(args) -> None:
     work = Path(args.workdir)
-    shape, spacing, plans_spacing, patch_request = e2e_geometry(args)
-    architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
-    name = f"e2e_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
-    root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture, E2E_DATASET)
+    case = half_width_case(args, "e2e", E2E_DATASET)
+    root, inputs, env = case.root, case.inputs, case.env
+    shape, spacing, plans_spacing, patch, architecture = (case.shape, case.spacing, case.plans_spacing, case.patch,
+                                                          case.architecture)
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
     grid = [int(g) for g in compute_new_shape(shape, spacing, plans_spacing)]
@@ -447,8 +468,7 @@ def bench_e2e(args) -> None:
 def _cpu_flags_note() -> str:
     from noisy_student_nnunet.inference.precision import cpu_native_bf16
 
-    native, why = cpu_native_bf16()
-    return why
+    return cpu_native_bf16()[1]
 
 
 # ----------------------------------------------------------------------------- (e) memory breakdown
@@ -527,12 +547,8 @@ def print_breakdown(breakdown: dict) -> None:
 
 
 def bench_memory(args) -> None:
-    work = Path(args.workdir)
-    shape, spacing, plans_spacing, patch_request = e2e_geometry(args)
-    architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
-    name = f"e2e_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
-    root, _, _ = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture, E2E_DATASET)
-    print_breakdown(memory_breakdown(root, E2E_DATASET, args.precision))
+    case = half_width_case(args, "e2e", E2E_DATASET)  # the same folder as (b): its model and input are reused
+    print_breakdown(memory_breakdown(case.root, E2E_DATASET, args.precision))
 
 
 # ----------------------------------------------------------------------------- (f) one patch
@@ -610,17 +626,13 @@ def bench_gpu(args) -> None:
         print("(c) GPU: no CUDA device on this machine; nothing measured. The CUDA path (fp16 autocast, logits, "
               "argmax and resizing on the device) is exercised by this benchmark where a GPU exists.")
         return
-    work = Path(args.workdir)
-    shape, spacing, plans_spacing, patch_request = e2e_geometry(args)
-    architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
-    name = f"gpu_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
-    root, inputs, env = prepare_e2e(work, name, shape, spacing, plans_spacing, patch, architecture,
-                                    "Dataset982_BenchGpu")
+    case = half_width_case(args, "gpu", "Dataset982_BenchGpu")
+    root = case.root
     rows = []
-    for key, label, command in e2e_runs(args.runs, inputs, root, "Dataset982_BenchGpu", "cuda"):
-        rows.append(run_profiled(label, command, env, root / f"log_{key}.txt"))
+    for key, label, command in e2e_runs(args.runs, case.inputs, root, "Dataset982_BenchGpu", "cuda"):
+        rows.append(run_profiled(label, command, case.env, root / f"log_{key}.txt"))
     print()
-    print(f"(c) GPU, image {shape} at {spacing} mm. Device: {torch.cuda.get_device_name(0)}. Machine: {machine()}")
+    print(f"(c) GPU, image {case.shape} at {case.spacing} mm. Device: {torch.cuda.get_device_name(0)}. Machine: {machine()}")
     print(table(rows, [("run", "run"), ("wall_s", "wall time (s)"), ("gpu_peak_gb", "peak GPU memory, device (GB)"),
                        ("peak_rss_gb", "peak RSS tree (GB)"), ("cpu_util_pct", "CPU util. (%)")]))
     (root / "results.json").write_text(json.dumps(rows, indent=1))

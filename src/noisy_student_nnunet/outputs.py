@@ -85,13 +85,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` to ``path`` whole (on disk before the rename) or not at all."""
     with atomic_file(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` to ``path`` whole (on disk before the rename) or not at all."""
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
         handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def publish_dir(path: str | os.PathLike) -> None:

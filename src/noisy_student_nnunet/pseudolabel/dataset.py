@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from noisy_student_nnunet.errors import NsnError
-from noisy_student_nnunet.outputs import publish_dir
+from noisy_student_nnunet.outputs import atomic_write_text, publish_dir
 
 MANIFEST = "pseudolabel.json"
 CASES_DIR = "pseudolabel_cases"
@@ -87,25 +87,6 @@ def resolve_dataset(name_or_id: str | int, what: str = "dataset") -> str:
 
 
 # --- atomic writes ------------------------------------------------------------------------------------
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_json(path: Path, document: Any) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from noisy_student_nnunet import validation
 from noisy_student_nnunet.errors import CaseError, NsnError
+from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.io_checks import (InputCases, check_case_files, check_channels_read, group_case_files,
                                             name_unreadable_file)
 from noisy_student_nnunet.pseudolabel import confidence as conf
@@ -291,7 +292,7 @@ def write_csv(path: Path, records: dict[str, dict[str, Any]], kept: set[str], la
             row.append("" if isinstance(value, float) and math.isnan(value) else
                        (f"{value:.6g}" if isinstance(value, float) else value))
         writer.writerow(row)
-    ds.atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 def check_filter(keep_top: float | None, min_confidence: float | None) -> None:
@@ -405,4 +406,4 @@ def _assemble_direct(dataset: ds.OutputDataset, plans: dict[str, Any], plans_nam
     ds.atomic_write_json(base / "dataset.json", dataset_json)
     plans = dict(plans)
     plans["dataset_name"] = dataset.name
-    ds.atomic_write_text(final_plans, json.dumps(plans, indent=4) + "\n")
+    atomic_write_text(final_plans, json.dumps(plans, indent=4) + "\n")

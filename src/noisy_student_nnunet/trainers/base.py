@@ -10,7 +10,7 @@ deep-supervised Dice + CE, "he" initialisation of the PlainConvUNet from the pla
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 from typing import Any
 
 import numpy as np
@@ -98,13 +98,14 @@ class RecipeTrainer(nnUNetTrainer):
         self.enable_deep_supervision = schedule["deep_supervision"]
         self.save_every = schedule["save_every"]
 
-    @property
+    @functools.cached_property
     def cpu_bf16(self) -> bool:
         """bf16 autocast for training on the CPU: the recipe asks for mixed precision and the CPU has native bf16.
 
         Stock trains in fp32 on the CPU (its fp16 autocast is CUDA-only). On AMX/AVX512-BF16 CPUs a demo
         training step (width 8, batch 4 of 16x32x32, one thread) takes 0.11 s under bf16 autocast against
         0.17 s in fp32. ``NSN_CPU_BF16=0`` turns it off (``=1`` forces it), as for inference's ``auto``.
+        Decided once per trainer (it asks torch and may read /proc/cpuinfo), not on every step.
         """
         return (self.device.type == "cpu" and self.recipe[self.schedule_key]["mixed_precision"]
                 and cpu_native_bf16()[0])
