@@ -22,8 +22,10 @@ from noisy_student_nnunet.errors import NsnError
 PIPELINE_SCRIPT = Path(__file__).resolve().parent / "pipeline" / "run_pipeline.sh"
 PLANS = "nnUNetLowFootprintPlans"
 CONFIGURATION = "3d_fullres"
-#: phantom size of the demo: small enough for 2 CPU cores, large enough for the big organs' shapes
-PHANTOM_SIZE = dict(inplane_voxels=(56, 64), slices=(16, 24), slice_spacing=(2.5, 3.5))
+#: phantom size of the demo: small enough for 2 CPU cores, large enough for the big organs' shapes and an aorta
+#: of 3-4 voxels across (training costs the same, its patch is fixed; only preprocessing and predictions grow).
+#: One teacher fold, seed 0, test aorta DSC: 0.62 at 56-64 voxels in-plane, 0.77 at 72-80
+PHANTOM_SIZE = dict(inplane_voxels=(72, 80), slices=(16, 24), slice_spacing=(2.5, 3.5))
 
 
 @dataclass(frozen=True)
@@ -234,9 +236,12 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_l
             env, work / "demo.log")
 
     results = Path(env["nnUNet_results"]) / dataset.name
+    # one teacher and one student, each the best of its folds by cross-validation (as the pipeline picks the
+    # student it fine-tunes), so that neither single model gains from a selection the other did not get
+    best_teacher = best_fold(results / f"NoisyStudentTeacherTrainer__{PLANS}__{CONFIGURATION}", folds)
     best = best_fold(results / f"NoisyStudentTrainer__{PLANS}__{CONFIGURATION}", student_folds)
     models = [
-        DemoModel(f"teacher fold {folds[0]}", "NoisyStudentTeacherTrainer", (folds[0],)),
+        DemoModel(f"teacher fold {best_teacher}", "NoisyStudentTeacherTrainer", (best_teacher,)),
         DemoModel("teacher ensemble", "NoisyStudentTeacherTrainer", folds),
         DemoModel(f"student fold {best}", "NoisyStudentTrainer", (best,)),
         DemoModel(f"fine-tuned fold {best}", "NoisyStudentFinetuneTrainer", (best,)),
