@@ -1,11 +1,10 @@
 """Does the noisy student help? The paper's claim, tested in kind on phantoms.
 
 For each seed, ``nsn demo --seed N`` in a work folder of its own (a fresh phantom set, the whole chain:
-two teacher folds, pseudo-labels of their ensemble, two student folds, the fine-tune of the better; every stage
+two teacher folds, pseudo-labels of their ensemble, the student on fold 0, its fine-tune; every stage
 scored on held-out test phantoms with FLARE22 DSC/NSD); then the pseudo-labels themselves are scored
 against the unlabeled phantoms' true labels (regenerated from ``phantoms.json``). Printed: per seed and as
-mean +- std over seeds, student - single teacher and fine-tuned - single teacher in DSC points (student and
-teacher each the better of their two folds by cross-validation, as the paper picks its student), overall
+mean +- std over seeds, student - teacher fold 0 and fine-tuned - teacher fold 0 in DSC points, overall
 and per organ, next to each stage's DSC and the pseudo-labels' quality per organ. The paper's claim is
 +2 DSC (FLARE22 validation) for the student over a single low-footprint model.
 
@@ -104,11 +103,11 @@ def report(records: list[dict], seeds: list[int], minutes: list[float], demo_arg
                      + f" {statistics.mean(values):8.2f} ± {std:4.2f}")
     organs = list(records[0][TEACHER]["organs"])
     student, finetuned = gains(records, STUDENT), gains(records, FINETUNED)
-    lines += ["", "gain over the single teacher (its better fold by cross-validation), DSC points"]
+    lines += ["", "gain over teacher fold 0, DSC points"]
     lines.append(f"{'':<16}" + "".join(f" {'seed ' + str(s):>9}" for s in seeds) + f" {'mean ± std':>15}")
     for name, g in (("student", student), ("fine-tuned", finetuned)):
         lines.append(f"{name:<16}" + "".join(f" {v:+9.2f}" for v in g["overall"]) + f" {mean_std(g['overall']):>15}")
-    lines += ["", "per organ, mean over seeds: DSC (%) of each stage, then the gains over the single teacher "
+    lines += ["", "per organ, mean over seeds: DSC (%) of each stage, then the gains over teacher fold 0 "
                   "(mean ± std over seeds, DSC points)"]
     short = {"pseudo-labels": "pseudo", "teacher ensemble": "ensemble"}
     header = f"{'organ':<12}" + "".join(f" {short.get(s, s):>10}" for s in stages) + f" {'student-T':>14} {'fine-tuned-T':>14}"

@@ -236,12 +236,9 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_l
             env, work / "demo.log")
 
     results = Path(env["nnUNet_results"]) / dataset.name
-    # one teacher and one student, each the best of its folds by cross-validation (as the pipeline picks the
-    # student it fine-tunes), so that neither single model gains from a selection the other did not get
-    best_teacher = best_fold(results / f"NoisyStudentTeacherTrainer__{PLANS}__{CONFIGURATION}", folds)
     best = best_fold(results / f"NoisyStudentTrainer__{PLANS}__{CONFIGURATION}", student_folds)
     models = [
-        DemoModel(f"teacher fold {best_teacher}", "NoisyStudentTeacherTrainer", (best_teacher,)),
+        DemoModel(f"teacher fold {folds[0]}", "NoisyStudentTeacherTrainer", (folds[0],)),
         DemoModel("teacher ensemble", "NoisyStudentTeacherTrainer", folds),
         DemoModel(f"student fold {best}", "NoisyStudentTrainer", (best,)),
         DemoModel(f"fine-tuned fold {best}", "NoisyStudentFinetuneTrainer", (best,)),
