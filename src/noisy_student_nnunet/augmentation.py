@@ -77,11 +77,14 @@ def rotation_radians(table: dict[str, Any]) -> tuple[float, float]:
 
 
 def configure_rotation_and_patch(table: dict[str, Any], patch_size: Sequence[int]
-                                 ) -> tuple[tuple[float, float], bool, np.ndarray, tuple[int, ...]]:
+                                 ) -> tuple[tuple[float, float], bool, np.ndarray, tuple[int, ...] | None]:
     """Recipe version of ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``.
 
     Same dummy-2D and mirror-axes decisions as stock; the rotation is the table's in every case and
     the initial patch size (the crop the data loader takes before augmentation) is computed for it.
+    A table that never mirrors (``mirror.p_sample`` or ``p_axis`` 0) gets ``mirror_axes`` None, as stock's
+    ``nnUNetTrainerNoMirroring``: the checkpoint then allows no test-time mirroring either, since a model
+    that never saw a flipped case should not be averaged over flipped ones.
     Returns ``(rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes)``.
     """
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
@@ -100,6 +103,8 @@ def configure_rotation_and_patch(table: dict[str, Any], patch_size: Sequence[int
     initial_patch_size = get_patch_size(patch_size, rotation, rotation, rotation, INITIAL_PATCH_SCALE_RANGE)
     if do_dummy_2d_data_aug:
         initial_patch_size[0] = patch_size[0]
+    if not (table["mirror"]["p_sample"] > 0 and table["mirror"]["p_axis"] > 0):
+        return rotation, do_dummy_2d_data_aug, initial_patch_size, None
     return rotation, do_dummy_2d_data_aug, initial_patch_size, mirror_axes
 
 
