@@ -50,7 +50,7 @@ def pseudo_label_quality(seed_work: Path, dataset_id: int) -> dict:
         if case["split"] != "unlabeled" or target.is_file() or not (pseudo_labels / target.name).is_file():
             continue
         phantom = make_phantom(case["seed"], case["shape_zyx"], case["spacing_zyx"], body_scale=case["body_scale"],
-                               drop=case["dropped"])
+                               drop=case["dropped"], direction=case.get("direction"))
         phantom.write(truth / "image_0000.nii.gz", target)
     (truth / "image_0000.nii.gz").unlink(missing_ok=True)
     return evaluate_folders(truth, pseudo_labels, progress=False).summary()

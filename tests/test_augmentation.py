@@ -134,7 +134,7 @@ def test_built_transforms_equal_paper_tables(key, expected):
 @pytest.mark.parametrize("key", ["teacher_augmentation", "student_augmentation"])
 def test_a_table_without_mirroring_builds_no_mirror_and_allows_no_mirrored_inference(key):
     table = load_recipe("demo")[key]
-    assert table["mirror"]["p_sample"] == 0  # the demo's phantoms share one orientation (configs/demo.json)
+    assert table["mirror"]["p_sample"] == 0  # nnU-Net reads the demo phantoms reoriented to RAS (configs/demo.json)
     rotation, dummy_2d, _, mirror_axes = configure_rotation_and_patch(table, (16, 32, 32))
     assert mirror_axes is None
     transforms = build_training_transforms(table, (16, 32, 32), [[1, 1, 1], [1, 0.5, 0.5]], mirror_axes, dummy_2d)

@@ -81,7 +81,7 @@ def test_labels_spacing_and_every_organ_unless_dropped(dataset):
         image, itk = read(dataset / case["image"])
         assert image.dtype == np.int16 and list(image.shape) == case["shape_zyx"]
         assert np.allclose(itk.GetSpacing()[::-1], case["spacing_zyx"], atol=1e-4)
-        assert itk.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+        assert itk.GetDirection() == tuple(case["direction"]) == ph.SCANNER_ORIENTATIONS[case["orientation"]][0]
         if case["label"] is None:
             continue
         label, itk_label = read(dataset / case["label"])
@@ -93,6 +93,33 @@ def test_labels_spacing_and_every_organ_unless_dropped(dataset):
             assert counts[value] == case["organ_voxels"][name]
         dropped_any |= bool(case["dropped"])
     assert dropped_any  # drop_probability 0.5 over 6 labeled cases with this seed
+
+
+def test_scanner_orientations_differ_on_disk_and_nnunets_reader_sees_one_anatomy(dataset):
+    """The cases are stored in several orientations; dataset.json names nnU-Net's reorienting reader, and
+    through it every labeled case has the liver on the patient's right of the spleen and the oesophagus
+    above the kidneys (RAS: x grows to the right, z upwards; the reader returns (z, y, x))."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    meta = json.loads((dataset / "dataset.json").read_text())
+    manifest = json.loads((dataset / "phantoms.json").read_text())
+    assert len({case["orientation"] for case in manifest["cases"]}) > 1
+    reader_class = determine_reader_writer_from_dataset_json(meta, str(dataset / manifest["cases"][0]["image"]))
+    assert reader_class.__name__ == ph.PHANTOM_READER_WRITER == "NibabelIOWithReorient"
+    on_disk = set()
+    for case in manifest["cases"]:
+        if case["label"] is None:
+            continue
+        seg = reader_class().read_seg(str(dataset / case["label"]))[0][0]
+        centre = {organ: np.argwhere(seg == ORGANS[organ]).mean(0) for organ in
+                  ("liver", "spleen", "esophagus", "right_kidney", "left_kidney") if (seg == ORGANS[organ]).any()}
+        if "spleen" in centre:
+            assert centre["liver"][2] > centre["spleen"][2], case["identifier"]
+        kidney = next(centre[k] for k in ("right_kidney", "left_kidney") if k in centre)
+        assert centre["esophagus"][0] > kidney[0], case["identifier"]
+        stored, _ = read(dataset / case["label"])
+        on_disk.add(tuple(np.argwhere(stored == ORGANS["liver"]).mean(0) > np.array(stored.shape) / 2))
+    assert len(on_disk) > 1  # without reorientation the liver lies in different array corners
 
 
 def test_forced_drop_and_hu_ranges():

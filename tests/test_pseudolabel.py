@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from noisy_student_nnunet import phantoms as ph
 from noisy_student_nnunet.pseudolabel import confidence as conf
 from noisy_student_nnunet.pseudolabel.run import PseudolabelSettings, finalize, list_input_cases, run_part
 
@@ -111,6 +112,7 @@ def _write_world(root: Path) -> dict:
     dataset_json = json.loads((source / "dataset.json").read_text())
     plans = make_plans(SPACING_ZYX, (16, 32, 32), tiny_architecture((4, 8, 16)), dataset_name=LABELED,
                        plans_name=PLANS)
+    plans["image_reader_writer"] = dataset_json["overwrite_image_reader_writer"]  # as nnU-Net's planner sets it
     plans[PLANS_KEY] = load_recipe("tiny")
     (pre / LABELED).mkdir(parents=True)
     (pre / LABELED / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
@@ -231,11 +233,13 @@ def test_pseudolabels_are_argmax_of_mean_softmax_not_mean_logits(world, referenc
     # the exported label file of a case at the plans' spacing is the same label map, un-cropped
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(world["raw"] / "Dataset300_Reference" / "labelsTr" /
-                                                      f"{case}.nii.gz")))
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+    reader = recursive_find_reader_writer_by_name(ph.PHANTOM_READER_WRITER)()  # the plans' reader, reorienting
+    label = reader.read_seg(str(world["raw"] / "Dataset300_Reference" / "labelsTr" / f"{case}.nii.gz"))[0][0]
     uncropped = insert_crop_into_image(np.zeros(properties["shape_before_cropping"], np.uint8), ours.astype(np.uint8),
                                        properties["bbox_used_for_cropping"])
-    assert np.array_equal(label, uncropped)  # identity transpose; SimpleITK's array order is nnU-Net's
+    assert np.array_equal(label, uncropped)  # identity transpose: the reader's array order is nnU-Net's
     # confidence in the CSV: mean max-probability of the ensemble over its predicted foreground
     rows = {r["case"]: r for r in csv.DictReader(open(world["raw"] / "Dataset300_Reference" /
                                                       "pseudolabel_confidence.csv"))}
@@ -280,6 +284,7 @@ def test_output_is_an_nnunet_dataset_recorded_for_the_student(world, reference):
     labeled_json = json.loads((world["raw"] / LABELED / "dataset.json").read_text())
     assert dataset_json["labels"] == labeled_json["labels"]
     assert dataset_json["channel_names"] == labeled_json["channel_names"]
+    assert dataset_json["overwrite_image_reader_writer"] == labeled_json["overwrite_image_reader_writer"]
     assert dataset_json["numTraining"] == 4 and not (raw / "imagesTr").exists()  # images are not copied
     for case, entry in dataset_json["dataset"].items():
         image = sitk.ReadImage(entry["images"][0])

@@ -15,7 +15,8 @@ small case takes tens of milliseconds and a clinical one a few seconds.
 
 Array order is (z, y, x) = (inferior->superior, anterior->posterior, patient right->left): with the
 identity direction that is standard axial CT in ITK/LPS. Other axis-aligned directions reorient the
-array so that the anatomy stays physically correct.
+array so that the anatomy stays physically correct; a phantom dataset stores its cases in several scanner
+orientations (SCANNER_ORIENTATIONS) and reads them with nnU-Net's reorienting reader.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ _CHUNK_VOXELS = 2_000_000  # slab size for evaluating a shape: bounds memory on 
 _NOISE_SIGMA = 0.8  # Gaussian kernel of the lattice noise, in lattice cells
 _NOISE_NORM = 1.0 / np.sqrt(np.sum(np.exp(-((np.arange(-6, 7) / _NOISE_SIGMA) ** 2))))
 _SPLIT_CODES = {"labeled": 0, "unlabeled": 1, "test": 2}
+
+# How axial abdominal CT arrives as NIfTI (ITK direction, row-major) and how often a phantom case is
+# stored so: DICOM's LPS as ITK writes it, the same with slices stored head to feet, and RAS as some
+# converters write it. The anatomy stays physically correct; only the array order changes, which is why
+# a phantom dataset asks nnU-Net to read it with its reorienting reader (see write_phantom_dataset).
+SCANNER_ORIENTATIONS: dict[str, tuple[tuple[float, ...], float]] = {
+    "LPS": ((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), 0.5),
+    "LPI": ((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0), 0.25),
+    "RAS": ((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0), 0.25),
+}
+#: nnU-Net's reader for the phantom datasets: it turns every case to RAS on read and predictions back on
+#: write, so a network sees one anatomical orientation whatever the scanner stored
+PHANTOM_READER_WRITER = "NibabelIOWithReorient"
 
 # Mean HU per tissue for the (native, arterial, portal venous) phase. Several organs overlap on
 # purpose (liver/spleen, pancreas/bowel wall, kidney/aorta, gallbladder/bowel fluid): a network has to
@@ -876,11 +890,25 @@ class CaseSpec:
 
     identifier: str
     split: str  # "labeled", "unlabeled" or "test"
-    seed: int  # make_phantom(seed, shape_zyx, spacing_zyx, body_scale=..., drop=...) reproduces the case
+    seed: int  # make_phantom(seed, shape_zyx, spacing_zyx, body_scale=..., drop=..., direction=...) reproduces the case
     shape_zyx: tuple[int, int, int]
     spacing_zyx: tuple[float, float, float]
     body_scale: float | None
     dropped: tuple[str, ...]
+    orientation: str = "LPS"  # a key of SCANNER_ORIENTATIONS: make_phantom(..., direction=...) stores it so
+
+    @property
+    def direction(self) -> tuple[float, ...]:
+        return SCANNER_ORIENTATIONS[self.orientation][0]
+
+
+def _draw_orientation(seed: int, split: str, index: int) -> str:
+    """A case's scanner orientation, from a stream of its own: sizes, spacings, drops and anatomy stay what
+    they were before orientations were drawn."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SPLIT_CODES[split], index, 1)))
+    names = list(SCANNER_ORIENTATIONS)
+    weights = np.array([SCANNER_ORIENTATIONS[n][1] for n in names])
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
 
 
 def _check_range(name: str, value, low: float, high: float, integer: bool) -> tuple:
@@ -904,7 +932,7 @@ def _check_int(name: str, value, low: int, high: int) -> int:
 def plan_cases(num_labeled: int = 8, num_unlabeled: int = 24, num_test: int = 0, seed: int = 0,
                clinical: bool = False, *, name: str = "Phantoms", slices=None, inplane_voxels=None,
                inplane_spacing=None, slice_spacing=None, drop_probability: float = 0.2) -> list[CaseSpec]:
-    """Draw every case's size, spacing and dropped organ; cheap, deterministic, validated.
+    """Draw every case's size, spacing, dropped organ and scanner orientation; cheap, deterministic, validated.
 
     Each case draws from SeedSequence(seed, spawn_key=(split, index)), so changing one split's
     count leaves the other splits' cases unchanged.
@@ -952,7 +980,7 @@ def plan_cases(num_labeled: int = 8, num_unlabeled: int = 24, num_test: int = 0,
             if rng.random() < drop_probability:
                 dropped = (drop_names[int(rng.choice(len(drop_names), p=drop_p))],)
             cases.append(CaseSpec(f"{prefix}{index:04d}", split, case_seed, (n_z, n_xy, n_xy), (sp_z, sp_xy, sp_xy),
-                                  body_scale, dropped))
+                                  body_scale, dropped, _draw_orientation(seed, split, index)))
     return cases
 
 
@@ -1029,7 +1057,9 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
 
     Layout: dataset.json, imagesTr + labelsTr (labeled), imagesUnlabeled (no labels anywhere),
     imagesTs + labelsTs (only when num_test > 0) and phantoms.json (per-case seed, shape, spacing,
-    dropped organs, phase, organ voxel counts). Built in a hidden sibling folder and renamed at the
+    dropped organs, scanner orientation, phase, organ voxel counts). The cases come in the scanner
+    orientations of SCANNER_ORIENTATIONS, and dataset.json names nnU-Net's reorienting reader
+    (PHANTOM_READER_WRITER), as a user of nnU-Net does for data of mixed orientation. Built in a hidden sibling folder and renamed at the
     end: on any error nothing is left behind. Invalid arguments raise NsnError.
     """
     dataset_id = _check_int("-d (dataset id)", dataset_id, 1, 999)
@@ -1060,7 +1090,7 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
         records = []
         for case in tqdm(cases, desc=f"phantoms {target.name}", unit="case", disable=not progress):
             phantom = make_phantom(case.seed, case.shape_zyx, case.spacing_zyx, body_scale=case.body_scale,
-                                   drop=case.dropped)
+                                   drop=case.dropped, direction=case.direction)
             images, labels = folders[case.split]
             image_path = f"{images}/{case.identifier}_0000.nii.gz"
             label_path = f"{labels}/{case.identifier}.nii.gz" if labels else None
@@ -1068,7 +1098,8 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
             records.append({
                 "identifier": case.identifier, "split": case.split, "image": image_path, "label": label_path,
                 "seed": case.seed, "shape_zyx": list(case.shape_zyx), "spacing_zyx": list(case.spacing_zyx),
-                "body_scale": case.body_scale, "dropped": list(case.dropped), "phase": phantom.info["phase"],
+                "body_scale": case.body_scale, "dropped": list(case.dropped), "orientation": case.orientation,
+                "direction": list(case.direction), "phase": phantom.info["phase"],
                 "noise_sd": phantom.info["noise_sd"], "organ_voxels": phantom.organ_voxels()})
         counts = f"{num_labeled} labeled (imagesTr/labelsTr), {num_unlabeled} unlabeled (imagesUnlabeled)" + (
             f", {num_test} test (imagesTs/labelsTs)" if num_test else "")
@@ -1077,6 +1108,7 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
             "labels": flare22_dataset_labels(),
             "numTraining": num_labeled,
             "file_ending": ".nii.gz",
+            "overwrite_image_reader_writer": PHANTOM_READER_WRITER,
             "name": name,
             "description": f"Synthetic abdominal CT phantoms with the 13 FLARE22 organs (noisy_student_nnunet "
                            f"{__version__}, seed {seed}{', clinical size' if clinical else ''}): {counts}. "

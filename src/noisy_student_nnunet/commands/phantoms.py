@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write synthetic abdominal CT phantoms as an nnU-Net raw dataset",
         description="Write $nnUNet_raw/DatasetXXX_NAME with imagesTr/labelsTr (labeled), imagesUnlabeled "
                     "(unlabeled images), optionally imagesTs/labelsTs, dataset.json (13 FLARE22 organs) and "
-                    "phantoms.json (per-case seed, size, spacing, dropped organs). Deterministic for a seed. "
+                    "phantoms.json (per-case seed, size, spacing, dropped organs, scanner orientation). Cases are "
+                    "stored as LPS, LPI or RAS; dataset.json has nnU-Net read them with its reorienting reader "
+                    "(NibabelIOWithReorient). Deterministic for a seed. "
                     "Small cases by default (in-plane 96-128 voxels, 24-64 slices); --clinical gives "
                     "512x512xN volumes at real anatomical size.",
     )
