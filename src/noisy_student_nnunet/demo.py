@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.outputs import atomic_file, atomic_write_text
 
 PIPELINE_SCRIPT = Path(__file__).resolve().parent / "pipeline" / "run_pipeline.sh"
 PLANS = "nnUNetLowFootprintPlans"
@@ -163,12 +164,6 @@ def results_document(scores: list[ModelScore], **facts) -> dict:
     return {**facts, "stages": stages}
 
 
-def write_json_atomic(path: Path, document: dict) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 def format_table(scores: list[ModelScore]) -> str:
     """Organs as rows, models as DSC/NSD column pairs; then mean, prediction time and peak RAM."""
     structures = list(scores[0].summary["per_structure"])
@@ -252,15 +247,16 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_l
                                         dataset / "dataset.json", out, env, device))
     print("[4/4] results on the test phantoms (FLARE22 DSC and NSD, mean over cases)", flush=True)
     table = format_table(scores)
-    (work / "demo_table.txt").write_text(table + "\n")
+    atomic_write_text(work / "demo_table.txt", table + "\n")
     plot = work / "demo_resources.png"
-    shutil.copyfile(work / "compare" / models[-1].title.replace(" ", "_") / "profile.png", plot)
+    with atomic_file(plot) as partial:
+        shutil.copyfile(work / "compare" / models[-1].title.replace(" ", "_") / "profile.png", partial)
     slices = plot_test_case(dataset, scores, work / SLICES_PNG)
     elapsed = time.monotonic() - started
-    write_json_atomic(work / RESULTS_JSON, results_document(
+    atomic_write_text(work / RESULTS_JSON, json.dumps(results_document(
         scores, seed=seed, device=device, recipe=recipe, num_labeled=num_labeled, num_unlabeled=num_unlabeled,
         num_test=num_test, teacher_folds=list(folds), student_folds=list(student_folds),
-        wall_time_s=round(elapsed, 1)))
+        wall_time_s=round(elapsed, 1)), indent=2) + "\n")
     print(table)
     print(f"\n{elapsed / 60:.1f} min (this run). table: {work / 'demo_table.txt'}; results: {work / RESULTS_JSON}"
           f"\nslices of a test phantom: {slices}\nresource plot of the fine-tuned model's prediction: {plot}")
