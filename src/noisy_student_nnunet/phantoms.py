@@ -895,7 +895,7 @@ class CaseSpec:
     spacing_zyx: tuple[float, float, float]
     body_scale: float | None
     dropped: tuple[str, ...]
-    orientation: str = "LPS"  # a key of SCANNER_ORIENTATIONS: make_phantom(..., direction=...) stores it so
+    orientation: str  # a key of SCANNER_ORIENTATIONS: make_phantom(..., direction=...) stores it so
 
     @property
     def direction(self) -> tuple[float, ...]:
@@ -1059,8 +1059,8 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
     imagesTs + labelsTs (only when num_test > 0) and phantoms.json (per-case seed, shape, spacing,
     dropped organs, scanner orientation, phase, organ voxel counts). The cases come in the scanner
     orientations of SCANNER_ORIENTATIONS, and dataset.json names nnU-Net's reorienting reader
-    (PHANTOM_READER_WRITER), as a user of nnU-Net does for data of mixed orientation. Built in a hidden sibling folder and renamed at the
-    end: on any error nothing is left behind. Invalid arguments raise NsnError.
+    (PHANTOM_READER_WRITER), as a user of nnU-Net does for data of mixed orientation. Built in a hidden
+    sibling folder and renamed at the end: on any error nothing is left behind. Invalid arguments raise NsnError.
     """
     dataset_id = _check_int("-d (dataset id)", dataset_id, 1, 999)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
