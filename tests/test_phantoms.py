@@ -249,7 +249,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ph, "make_phantom", failing)
+    monkeypatch.setattr(ph.writing, "make_phantom", failing)  # the name write_phantom_dataset calls
     with pytest.raises(OSError):
         ph.write_phantom_dataset(tmp_path, 7, num_labeled=2, num_unlabeled=1, **SMALL)
     assert list(tmp_path.iterdir()) == []
