@@ -32,6 +32,20 @@ _SCRUB = ("NSN_RECIPE", "NSN_PSEUDO_DATASET", "NSN_FINETUNE_FROM", "nnUNet_raw",
           "nnUNet_results", "nnUNet_extTrainer")
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same random state (torch, numpy, random): a test that draws data without
+    its own generator gets the same draw on every run and every machine."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
     """A clean copy of os.environ with ours/nnU-Net's variables removed, then ``extra`` merged in."""
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
