@@ -48,6 +48,27 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
     return validate_recipe(recipe)
 
 
+def train_and_score_teacher(title: str, dataset_id: int, dataset: Path, recipe: dict, prefix: Path,
+                            env: dict[str, str], device: str = "cpu") -> dict:
+    """Plan ``dataset`` with ``recipe``, train teacher fold 0 (kept when done), predict and score its test phantoms.
+
+    Writes ``PREFIX.json`` (the recipe), ``PREFIX.log`` (planning and training) and ``PREFIX/`` (predictions,
+    profile); returns the evaluation summary."""
+    recipe_path, log = prefix.with_name(f"{prefix.name}.json"), prefix.with_name(f"{prefix.name}.log")
+    recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
+    results = Path(env["nnUNet_results"]) / dataset.name / f"{TRAINER}__{PLANS}__{CONFIGURATION}" / "fold_0"
+    if not (results / "checkpoint_final.pth").is_file():
+        with open(log, "a") as handle:
+            for cmd in (["nsn", "plan", "-d", str(dataset_id), "--recipe", str(recipe_path), "--plans-name", PLANS],
+                        ["nnUNetv2_train", str(dataset_id), CONFIGURATION, "0", "-tr", TRAINER, "-p", PLANS,
+                         "-device", device]):
+                if subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode != 0:
+                    sys.exit(f"{title}: `{' '.join(cmd)}` failed; see {log}")
+    score = predict_and_score(DemoModel(title, TRAINER, ("0",)), dataset_id, dataset / "imagesTs",
+                              dataset / "labelsTs", dataset / "dataset.json", prefix, env, device)
+    return score.summary
+
+
 def train_variant(index: int, recipe: dict, work: Path, seed: int, env: dict[str, str]) -> dict:
     """Phantoms, plan, fold 0, test predictions and scores of one variant (resumes what is done)."""
     dataset_id = FIRST_DATASET_ID + index
@@ -56,20 +77,9 @@ def train_variant(index: int, recipe: dict, work: Path, seed: int, env: dict[str
     if dataset is None:
         dataset = write_phantom_dataset(raw, dataset_id, name=f"Ablation{index}", num_labeled=8, num_unlabeled=0,
                                         num_test=8, seed=seed, **PHANTOM_SIZE)
-    recipe_path = work / f"variant{index}.json"
-    recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
-    log = work / f"variant{index}.log"
-    results = Path(env["nnUNet_results"]) / dataset.name / f"{TRAINER}__{PLANS}__{CONFIGURATION}" / "fold_0"
-    with open(log, "a") as handle:
-        if not (results / "checkpoint_final.pth").is_file():
-            for cmd in (["nsn", "plan", "-d", str(dataset_id), "--recipe", str(recipe_path), "--plans-name", PLANS],
-                        ["nnUNetv2_train", str(dataset_id), CONFIGURATION, "0", "-tr", TRAINER, "-p", PLANS,
-                         "-device", "cpu"]):
-                subprocess.run(cmd, env={**env, "nnUNet_n_proc_DA": "0"}, stdout=handle, stderr=subprocess.STDOUT,
-                               check=True)
-    score = predict_and_score(DemoModel(recipe["name"], TRAINER, ("0",)), dataset_id, dataset / "imagesTs",
-                              dataset / "labelsTs", dataset / "dataset.json", work / f"variant{index}", env)
-    return score.summary
+    # variants train side by side, one core each: augmentation in the training process
+    return train_and_score_teacher(recipe["name"], dataset_id, dataset, recipe, work / f"variant{index}",
+                                   {**env, "nnUNet_n_proc_DA": "0"})
 
 
 def format_columns(names: list[str], summaries: list[dict]) -> str:

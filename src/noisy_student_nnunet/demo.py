@@ -188,17 +188,20 @@ def format_table(scores: list[ModelScore]) -> str:
 
 def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_labeled: int = 8,
              num_unlabeled: int = 24, num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0,
-             student_folds: tuple[str, ...] | None = None, device: str = "cpu") -> list[ModelScore]:
+             student_folds: tuple[str, ...] | None = None, device: str = "cpu", setting: str = "iid") -> list[ModelScore]:
     """Make phantoms, run the pipeline, predict with every stage's model; print and write the results.
 
     ``folds`` are the teacher folds (two at least, for the ensemble); ``student_folds`` default to them.
     ``device`` is ``cpu`` or ``cuda`` (see :func:`resolve_device`); ``recipe`` defaults to the device's.
+    ``setting`` is where the phantoms come from (``iid``: one distribution; ``shift``: labeled cases from one narrow
+    cohort, unlabeled and test cases from a broad mix; see ``phantoms/cohorts.py``).
     Writes ``demo_table.txt``, ``demo_results.json``, ``demo_slices.png`` and ``demo_resources.png`` to ``work``.
     """
     started = time.monotonic()
     student_folds = tuple(student_folds or folds)
     recipe = recipe or DEFAULT_RECIPES[device]
     from noisy_student_nnunet.phantoms import write_phantom_dataset
+    from noisy_student_nnunet.phantoms.cohorts import split_sources
 
     work = work.resolve()
     env = demo_environment(work, device=device)
@@ -206,19 +209,20 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_l
         Path(env[var]).mkdir(parents=True, exist_ok=True)
     raw = Path(env["nnUNet_raw"])
     existing = sorted(raw.glob(f"Dataset{dataset_id:03d}_*"))
-    print(f"[1/4] phantoms: {num_labeled} labeled, {num_unlabeled} unlabeled, {num_test} test (seed {seed})",
-          flush=True)
+    print(f"[1/4] phantoms: {num_labeled} labeled, {num_unlabeled} unlabeled, {num_test} test (seed {seed}, "
+          f"setting {setting})", flush=True)
     if existing:
         dataset = existing[0]
-        made_with = json.loads((dataset / "phantoms.json").read_text()).get("seed")
-        if made_with != seed:
-            raise NsnError(f"{work} holds the phantoms of seed {made_with}, not {seed}: use another work folder "
-                           f"(-w) for another seed")
+        manifest = json.loads((dataset / "phantoms.json").read_text())
+        made_with = (manifest.get("seed"), manifest.get("cohorts", split_sources("iid")))
+        if made_with != (seed, split_sources(setting)):
+            raise NsnError(f"{work} holds the phantoms of seed {made_with[0]} with cohorts {made_with[1]}, not seed "
+                           f"{seed} of setting {setting}: use another work folder (-w)")
         print(f"  using {dataset}", flush=True)
     else:
         dataset = write_phantom_dataset(raw, dataset_id, name="DemoPhantoms", num_labeled=num_labeled,
                                         num_unlabeled=num_unlabeled, num_test=num_test, seed=seed,
-                                        progress=True, **PHANTOM_SIZE)
+                                        setting=setting, progress=True, **PHANTOM_SIZE)
     pipeline_work = work / "pipeline"
     print(f"[2/4] pipeline on {device}, recipe {recipe}: plan, teachers, pseudo-labels, student, fine-tune",
           flush=True)
@@ -254,7 +258,7 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_l
     slices = plot_test_case(dataset, scores, work / SLICES_PNG)
     elapsed = time.monotonic() - started
     atomic_write_text(work / RESULTS_JSON, json.dumps(results_document(
-        scores, seed=seed, device=device, recipe=recipe, num_labeled=num_labeled, num_unlabeled=num_unlabeled,
+        scores, seed=seed, setting=setting, device=device, recipe=recipe, num_labeled=num_labeled, num_unlabeled=num_unlabeled,
         num_test=num_test, teacher_folds=list(folds), student_folds=list(student_folds),
         wall_time_s=round(elapsed, 1)), indent=2) + "\n")
     print(table)

@@ -33,6 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="phantom set (default 0); another seed makes other phantoms. A work folder keeps the "
                              "phantoms it was made with: use another -w for another seed")
+    parser.add_argument("--setting", choices=("iid", "shift"), default="iid",
+                        help="where the phantoms come from: iid (default; labeled, unlabeled and test cases of one "
+                             "distribution) or shift (labeled: one narrow cohort, portal-venous pancreas patients; "
+                             "unlabeled and test: a broad mix of phases, lesions, organ changes, scanners and "
+                             "coverage, as FLARE's). A work folder keeps the phantoms it was made with")
     parser.set_defaults(func=run)
 
 
@@ -49,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
         raise NsnError("--folds needs two teacher folds at least: the demo compares one fold with their ensemble")
     device = resolve_device(args.device)
     run_demo(args.work, args.dataset_id, args.recipe, args.num_labeled, args.num_unlabeled, args.num_test,
-             tuple(args.folds), args.seed, tuple(args.student_folds), device=device)
+             tuple(args.folds), args.seed, tuple(args.student_folds), device=device, setting=args.setting)
     return 0

@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write $nnUNet_raw/DatasetXXX_NAME with imagesTr/labelsTr (labeled), imagesUnlabeled "
                     "(unlabeled images), optionally imagesTs/labelsTs, dataset.json (13 FLARE22 organs) and "
                     "phantoms.json (per-case seed, size, spacing, dropped organs, scanner orientation). Cases are "
-                    "stored as LPS, LPI or RAS; dataset.json has nnU-Net read them with its reorienting reader "
+                    "stored as LPS, LPI or RAS; --setting / --cohort draw them from named cohorts (contrast phase, "
+                    "lesions, organ changes, slice spacing, noise, kernel, scanner offset, coverage); dataset.json has nnU-Net read them with its reorienting reader "
                     "(NibabelIOWithReorient). Deterministic for a seed. "
                     "Small cases by default (in-plane 96-128 voxels, 24-64 slices); --clinical gives "
                     "512x512xN volumes at real anatomical size.",
@@ -47,9 +48,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="slice spacing in mm (default: 1 5; clinical 1 2)")
     parser.add_argument("--drop-probability", default="0.2", metavar="P",
                         help="chance that a case lacks one organ, mostly the gallbladder (default: 0.2)")
+    parser.add_argument("--setting", choices=("iid", "shift"), default=None,
+                        help="where each split's cases come from: iid (default: one distribution, as always) or shift "
+                             "(labeled: the narrow pancreas_portal cohort; unlabeled and test: the broad flare_mix)")
+    parser.add_argument("--cohort", action="append", default=[], metavar="[SPLIT=]NAME",
+                        help="a cohort or mix for every split, or for one (labeled=, unlabeled=, test=); repeatable, "
+                             "applied after --setting. Cohorts: " + ", ".join(_cohort_names()))
     parser.add_argument("-o", "--output", metavar="RAW_ROOT",
                         help="nnU-Net raw folder to write into (default: $nnUNet_raw)")
     parser.set_defaults(func=run)
+
+
+def _cohort_names() -> list[str]:
+    from noisy_student_nnunet.phantoms.cohorts import cohort_names
+
+    return cohort_names()
+
+
+def parse_cohorts(values: list[str]) -> dict[str, str]:
+    """``--cohort NAME`` (every split) and ``--cohort SPLIT=NAME`` as split -> name; names checked later."""
+    from noisy_student_nnunet.phantoms.cohorts import SPLITS
+
+    cohorts: dict[str, str] = {}
+    for value in values:
+        split, _, name = value.rpartition("=")
+        for one in (split,) if split else SPLITS:
+            cohorts[one] = name
+    return cohorts
 
 
 def _integer(value: str, option: str) -> int:
@@ -87,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         inplane_voxels=_numbers(args.inplane_voxels, "--inplane-voxels", int),
         inplane_spacing=_numbers(args.inplane_spacing, "--inplane-spacing", float),
         slice_spacing=_numbers(args.slice_spacing, "--slice-spacing", float),
-        drop_probability=drop_probability, progress=True, **counts)
+        drop_probability=drop_probability, setting=args.setting, cohorts=parse_cohorts(args.cohort), progress=True,
+        **counts)
     print(f"wrote {target}: {counts['num_labeled']} labeled, {counts['num_unlabeled']} unlabeled, "
           f"{counts['num_test']} test cases in {time.perf_counter() - started:.1f} s")
     return 0

@@ -18,9 +18,10 @@ identity direction that is standard axial CT in ITK/LPS. Other axis-aligned dire
 array so that the anatomy stays physically correct; a phantom dataset stores its cases in several scanner
 orientations (SCANNER_ORIENTATIONS) and reads them with nnU-Net's reorienting reader.
 
-Modules: ``geometry`` (noise fields, canvas, implicit shapes), ``anatomy`` (the normal abdomen), ``acquisition``
-(orientation, noise, blur), ``generator`` (one case: ``make_phantom``), ``cases`` (what each case of a dataset
-is) and ``writing`` (``write_phantom_dataset``).
+Modules: ``geometry`` (noise fields, canvas, implicit shapes), ``anatomy`` (the normal abdomen), ``pathology``
+(lesions inside organs), ``acquisition`` (orientation, noise, kernel, offset), ``cohorts`` (named distributions of
+pathology and acquisition, mixes and the ``iid`` / ``shift`` settings), ``generator`` (one case: ``make_phantom``),
+``cases`` (what each case of a dataset is) and ``writing`` (``write_phantom_dataset``).
 """
 
 from noisy_student_nnunet.phantoms.acquisition import PHANTOM_READER_WRITER, SCANNER_ORIENTATIONS
@@ -29,10 +30,11 @@ from noisy_student_nnunet.phantoms.cases import (CLINICAL_DEFAULTS, DROP_WEIGHTS
                                                  MIN_INPLANE_VOXELS, MIN_SLICES, SMALL_DEFAULTS, CaseSpec,
                                                  plan_cases)
 from noisy_student_nnunet.phantoms.generator import Phantom, make_phantom
+from noisy_student_nnunet.phantoms.cohorts import COHORTS, MIXES, SETTINGS, Condition, Lesion
 from noisy_student_nnunet.phantoms.writing import (BYTES_PER_VOXEL, FIXED_BYTES, check_memory, dataset_folder_name,
-                                                   write_phantom_dataset)
+                                                   remake_case, write_phantom_dataset)
 
 __all__ = ["BYTES_PER_VOXEL", "CLINICAL_DEFAULTS", "DROP_WEIGHTS", "FIXED_BYTES", "MAX_VOXELS_PER_AXIS",
            "MIN_INPLANE_VOXELS", "MIN_SLICES", "ORGAN_LABELS", "PHANTOM_READER_WRITER", "SCANNER_ORIENTATIONS",
-           "SMALL_DEFAULTS", "CaseSpec", "Phantom", "check_memory", "dataset_folder_name", "make_phantom",
-           "plan_cases", "write_phantom_dataset"]
+           "SMALL_DEFAULTS", "COHORTS", "MIXES", "SETTINGS", "CaseSpec", "Condition", "Lesion", "Phantom",
+           "check_memory", "dataset_folder_name", "make_phantom", "plan_cases", "remake_case", "write_phantom_dataset"]

@@ -33,15 +33,21 @@ def enhanced(tissue: str, phase: int, strength: float) -> float:
 class Anatomy:
     """Draws one abdomen onto a canvas. Every random choice comes from ``rng`` in a fixed order."""
 
-    def __init__(self, canvas: Canvas, rng: np.random.Generator, habitus: dict, drop: frozenset[str]):
+    def __init__(self, canvas: Canvas, rng: np.random.Generator, habitus: dict, drop: frozenset[str],
+                 phase: int | None = None, organ_scale: dict[str, float] | None = None):
+        """``phase`` (0 native, 1 arterial, 2 portal) replaces the drawn one; ``organ_scale`` enlarges or shrinks
+        organs (hepatomegaly, splenomegaly, atrophy). Either leaves every random draw as it was."""
         self.c = canvas
         self.rng = rng
         self.h = habitus
         self.drop = drop
         self.r_min = 0.8 * max(canvas.voxel[1], canvas.voxel[2])  # thin structures stay >= ~1.6 voxels wide
         self.phase = int(rng.choice(3, p=[0.2, 0.3, 0.5]))
+        if phase is not None:
+            self.phase = int(phase)
         self.strength = float(rng.uniform(0.75, 1.15))
         self.k = habitus["k"]  # per-case stretch of organ positions (z, y, x)
+        self.organ_scale = dict(organ_scale or {})
 
     # helpers -------------------------------------------------------------------------------------
     def hu(self, tissue: str, jitter: float = 6.0) -> float:
@@ -217,11 +223,11 @@ class Anatomy:
     def liver(self) -> None:
         rng, k = self.rng, self.k
         c = self.at(170, -5, -55, 6)
-        semi = np.array([70, 80, 90]) * k * rng.uniform(0.9, 1.1, 3)
+        semi = np.array([70, 80, 90]) * k * rng.uniform(0.9, 1.1, 3) * self.organ_scale.get("liver", 1.0)
         box = [(c[0] - semi[0] - 10, c[0] + semi[0] + 30), (c[1] - semi[1] - 40, c[1] + semi[1] + 10),
                (c[2] - semi[2] - 10, c[2] + semi[2] + 10)]
         shape_noise, tex = self.noise(box, 25.0), self.noise(box, 5.0)
-        amp, left_reach = float(rng.uniform(6, 12)), float(rng.uniform(90, 130))
+        amp, left_reach = float(rng.uniform(6, 12)), float(rng.uniform(90, 130)) * self.organ_scale.get("liver", 1.0)
 
         def shape(ch):
             t = np.clip((ch.X - np.float32(c[2] + 10)) / np.float32(left_reach), 0, 1)  # 0 right lobe, 1 left tip
@@ -249,7 +255,8 @@ class Anatomy:
         c = self.at(170, 48, 100, 6)
         angle = float(rng.normal(np.pi / 4, 0.15))
         rot = rotation(axial=angle, sagittal=float(rng.normal(0, 0.15)))
-        semi = np.array([48, 22, 55]) * rng.uniform(0.85, 1.15, 3)  # (z, thickness, length)
+        # (z, thickness, length)
+        semi = np.array([48, 22, 55]) * rng.uniform(0.85, 1.15, 3) * self.organ_scale.get("spleen", 1.0)
         normal = rot[:, 1]  # outward (towards posterolateral wall)
         inner_c = c - (semi[1] + 6) * normal
         inner_s = semi * np.array([1.0, 1.1, 0.95])
@@ -268,7 +275,7 @@ class Anatomy:
         cortex, medulla = self.hu("kidney_cortex"), self.hu("kidney_medulla")
         for name, side, z in (("right_kidney", -1, 85.0), ("left_kidney", 1, 100.0)):
             c = self.at(z, 55, side * 65, 5)
-            semi = np.array([55, 25, 27]) * rng.uniform(0.88, 1.12, 3)
+            semi = np.array([55, 25, 27]) * rng.uniform(0.88, 1.12, 3) * self.organ_scale.get(name, 1.0)
             rot = rotation(axial=float(rng.normal(side * 0.35, 0.1)), coronal=float(rng.normal(-side * 0.22, 0.06)))
             hilum = c + rot @ np.array([0.0, -8.0, -side * (semi[2] + 2)])
             hilum_r = float(rng.uniform(11, 15))

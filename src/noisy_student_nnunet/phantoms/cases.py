@@ -1,13 +1,14 @@
-"""What each case of a phantom dataset is: size, spacing, dropped organ and orientation, drawn per case."""
+"""What each case of a phantom dataset is: size, spacing, dropped organ, orientation and cohort, drawn per case."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.phantoms.acquisition import SCANNER_ORIENTATIONS
+from noisy_student_nnunet.phantoms.cohorts import Condition, draw_condition, pick_cohort, split_sources
 
 # Which organ a case lacks when it drops one (cholecystectomy is by far the most common).
 DROP_WEIGHTS: dict[str, float] = {"gallbladder": 0.7, "right_kidney": 0.1, "left_kidney": 0.1, "spleen": 0.1}
@@ -18,6 +19,9 @@ CLINICAL_DEFAULTS: dict[str, tuple[float, float]] = {
     "inplane_voxels": (512, 512), "inplane_spacing": (0.6, 1.0), "slice_spacing": (1.0, 2.0), "slices": (200, 320)}
 # What the generator can still draw every organ into (checked by the tests at these extremes).
 MIN_INPLANE_VOXELS, MIN_SLICES, MAX_VOXELS_PER_AXIS = 48, 16, 2048
+#: fewest slices of a cohort case whose slice spacing keeps the field of view of the dataset's own spacing
+#: (thick slices: fewer of them); small organs may then fall between slices, as they do in such scans
+MIN_COHORT_SLICES = 10
 
 SPLIT_CODES = {"labeled": 0, "unlabeled": 1, "test": 2}
 
@@ -34,6 +38,8 @@ class CaseSpec:
     body_scale: float | None
     dropped: tuple[str, ...]
     orientation: str  # a key of SCANNER_ORIENTATIONS: make_phantom(..., direction=...) stores it so
+    cohort: str = "iid"  # a key of cohorts.COHORTS
+    condition: Condition = field(default_factory=Condition)  # make_phantom(..., condition=...)
 
     @property
     def direction(self) -> tuple[float, ...]:
@@ -69,12 +75,16 @@ def check_int(name: str, value, low: int, high: int) -> int:
 
 def plan_cases(num_labeled: int = 8, num_unlabeled: int = 24, num_test: int = 0, seed: int = 0,
                clinical: bool = False, *, name: str = "Phantoms", slices=None, inplane_voxels=None,
-               inplane_spacing=None, slice_spacing=None, drop_probability: float = 0.2) -> list[CaseSpec]:
-    """Draw every case's size, spacing, dropped organ and scanner orientation; cheap, deterministic, validated.
+               inplane_spacing=None, slice_spacing=None, drop_probability: float = 0.2, setting: str | None = None,
+               cohorts: dict[str, str] | None = None) -> list[CaseSpec]:
+    """Draw every case's size, spacing, dropped organ, scanner orientation and cohort; cheap, deterministic, validated.
 
     Each case draws from SeedSequence(seed, spawn_key=(split, index)), so changing one split's
-    count leaves the other splits' cases unchanged.
+    count leaves the other splits' cases unchanged. ``setting`` (``iid``, ``shift``) and ``cohorts`` (split ->
+    cohort or mix) say where each split's cases come from (see cohorts.py); a cohort's draws have streams of
+    their own, so an ``iid`` case is what it always was.
     """
+    sources = split_sources(setting, cohorts)
     defaults = CLINICAL_DEFAULTS if clinical else SMALL_DEFAULTS
     num_labeled = check_int("--num-labeled", num_labeled, 1, 100_000)
     num_unlabeled = check_int("--num-unlabeled", num_unlabeled, 0, 100_000)
@@ -117,6 +127,16 @@ def plan_cases(num_labeled: int = 8, num_unlabeled: int = 24, num_test: int = 0,
             dropped = ()
             if rng.random() < drop_probability:
                 dropped = (drop_names[int(rng.choice(len(drop_names), p=drop_p))],)
+            cohort_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLIT_CODES[split], index, 2)))
+            cohort = pick_cohort(sources[split], cohort_rng)
+            condition, removed = draw_condition(cohort, cohort_rng)
+            if any(organ.endswith("kidney") for organ in dropped):
+                removed = ()  # never both kidneys
+            if cohort.slice_spacing is not None:  # the same field of view in the cohort's slices
+                field_of_view = n_z * sp_z
+                sp_z = round(float(cohort_rng.uniform(*cohort.slice_spacing)), 3)
+                n_z = max(MIN_COHORT_SLICES, round(field_of_view / sp_z))
+            dropped = tuple(sorted(set(dropped) | set(removed)))
             cases.append(CaseSpec(f"{prefix}{index:04d}", split, case_seed, (n_z, n_xy, n_xy), (sp_z, sp_xy, sp_xy),
-                                  body_scale, dropped, _draw_orientation(seed, split, index)))
+                                  body_scale, dropped, _draw_orientation(seed, split, index), cohort.name, condition))
     return cases

@@ -9,9 +9,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from noisy_student_nnunet.flare import FLARE22_ORGANS
-from noisy_student_nnunet.phantoms.acquisition import axis_map, blur_inplane
+from noisy_student_nnunet.phantoms.acquisition import axis_map, form_image
 from noisy_student_nnunet.phantoms.anatomy import ORGAN_LABELS, Z_WINDOW, Anatomy
+from noisy_student_nnunet.phantoms.cohorts import PHASES, Condition
 from noisy_student_nnunet.phantoms.geometry import CHUNK_VOXELS, Canvas
+from noisy_student_nnunet.phantoms.pathology import paint_lesions
 
 
 @dataclass
@@ -91,7 +93,7 @@ def _organ_names(drop: Iterable[str | int] | None) -> frozenset[str]:
 def make_phantom(rng_or_seed, shape_zyx: Sequence[int], spacing_zyx: Sequence[float], *,
                  origin: Sequence[float] | None = None, direction: Sequence[float] | None = None,
                  body_scale: float | None = None, drop: Iterable[str | int] | None = None,
-                 noise_sd: float | None = None) -> Phantom:
+                 noise_sd: float | None = None, condition: Condition | None = None) -> Phantom:
     """Generate one abdominal CT phantom.
 
     rng_or_seed: an int, SeedSequence or numpy Generator (same seed and arguments: identical arrays).
@@ -102,7 +104,10 @@ def make_phantom(rng_or_seed, shape_zyx: Sequence[int], spacing_zyx: Sequence[fl
         a number gives physical size (1.0 = an adult abdomen about 340 mm wide), capped to fit.
     drop: organs (names or labels) to leave out; every other organ is present in the label map.
     noise_sd: HU of the image noise; drawn per case when None.
+    condition: pathology and acquisition (lesions, phase, organ size, kernel, offset, partial coverage), as a
+        cohort draws them; None is a case of the ``iid`` cohort. A partial scan may lack organs beyond its ends.
     """
+    condition = condition or Condition()
     rng = _as_generator(rng_or_seed)
     shape_zyx = tuple(int(v) for v in shape_zyx)
     spacing_zyx = tuple(float(v) for v in spacing_zyx)
@@ -121,9 +126,11 @@ def make_phantom(rng_or_seed, shape_zyx: Sequence[int], spacing_zyx: Sequence[fl
 
     for attempt in range(8):
         with _single_threaded_blas():
-            image, label, info = _generate(rng, canon_shape, canon_sp, body_scale, drop_names, noise_sd)
+            image, label, info = _generate(rng, canon_shape, canon_sp, body_scale, drop_names, noise_sd, condition)
         counts = np.bincount(label.ravel(), minlength=len(FLARE22_ORGANS) + 1)
         missing = [o.name for o in FLARE22_ORGANS if o.name not in drop_names and counts[o.label] == 0]
+        if condition.coverage is not None:  # organs beyond a partial scan's ends are absent, not misplaced
+            missing = []
         if not missing:
             break
     else:
@@ -143,7 +150,7 @@ def make_phantom(rng_or_seed, shape_zyx: Sequence[int], spacing_zyx: Sequence[fl
                    direction=tuple(float(v) + 0.0 for v in d.ravel()), dropped=tuple(sorted(drop_names)), info=info)
 
 
-def _generate(rng, shape, spacing, body_scale, drop, noise_sd):
+def _generate(rng, shape, spacing, body_scale, drop, noise_sd, condition: Condition):
     """Draw the canonical (identity-direction) image and label."""
     nz, ny, nx = shape
     sz, sy, sx = spacing
@@ -165,29 +172,26 @@ def _generate(rng, shape, spacing, body_scale, drop, noise_sd):
     else:
         s_xy = min(float(body_scale), 0.95 * fit)
     fov_z = nz * sz
-    window = Z_WINDOW[1] - Z_WINDOW[0]
+    low, high = condition.coverage or Z_WINDOW  # a partial scan covers less of the reference abdomen
+    window = high - low
     if body_scale is None:
         s_z = fov_z / (window * float(rng.uniform(1.03, 1.15)))
     else:
         s_z = min(s_xy, fov_z / (window * 1.03))
     spare = fov_z / s_z - window
-    z_bottom = Z_WINDOW[0] - float(rng.uniform(0.2, 0.8)) * spare
+    z_bottom = low - float(rng.uniform(0.2, 0.8)) * spare
     jitter = 0.03 * np.array([ny, nx]) * rng.uniform(-1, 1, 2)
     center_yx = ((ny - 1) / 2 - (post - ant) / 2 * s_xy / sy + jitter[0], (nx - 1) / 2 + jitter[1])
     canvas = Canvas(shape, spacing, s_xy, s_z, center_yx, z_bottom)
-    anatomy = Anatomy(canvas, rng, habitus, drop)
+    anatomy = Anatomy(canvas, rng, habitus, drop, phase=None if condition.phase is None else
+                      PHASES.index(condition.phase), organ_scale=dict(condition.organ_scale))
     anatomy.draw()
 
-    # Image formation: noise, then a small in-plane blur (partial volume, correlated noise), in slabs.
-    sd = float(noise_sd) / 0.375 if noise_sd is not None else float(rng.uniform(20, 50))
-    out = np.empty(shape, np.int16)
-    step = max(1, CHUNK_VOXELS // (ny * nx))
-    for z0 in range(0, nz, step):
-        slab = canvas.image[z0:z0 + step]
-        slab += rng.normal(0.0, sd, slab.shape).astype(np.float32)
-        slab = blur_inplane(slab)
-        np.clip(np.rint(slab), -1024, 3071, out=slab)
-        out[z0:z0 + step] = slab
-    info = {"phase": ["native", "arterial", "portal"][anatomy.phase], "noise_sd": round(sd * 0.375, 2),
-            "scale_xy": round(s_xy, 4), "scale_z": round(s_z, 4)}
-    return out, canvas.label, info
+    if condition.lesions:
+        paint_lesions(canvas, condition.lesions, anatomy.phase, anatomy.strength,
+                      np.random.default_rng(condition.seed))
+    image, sd = form_image(canvas.image, rng, noise_sd if noise_sd is not None else condition.noise_sd,
+                           condition.kernel, condition.hu_offset, CHUNK_VOXELS)
+    info = {"phase": PHASES[anatomy.phase], "noise_sd": round(sd, 2), "scale_xy": round(s_xy, 4),
+            "scale_z": round(s_z, 4)}
+    return image, canvas.label, info

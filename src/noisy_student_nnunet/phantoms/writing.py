@@ -17,7 +17,8 @@ from noisy_student_nnunet.flare import flare22_dataset_labels
 from noisy_student_nnunet.outputs import check_output_folder
 from noisy_student_nnunet.phantoms.acquisition import PHANTOM_READER_WRITER
 from noisy_student_nnunet.phantoms.cases import CaseSpec, check_int, plan_cases
-from noisy_student_nnunet.phantoms.generator import make_phantom
+from noisy_student_nnunet.phantoms.cohorts import Condition, split_sources
+from noisy_student_nnunet.phantoms.generator import Phantom, make_phantom
 
 
 def _manifest_text(manifest: dict) -> str:
@@ -88,12 +89,14 @@ def _check_target(raw_root: Path, dataset_id: int, name: str) -> Path:
 def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str = "Phantoms", num_labeled: int = 8,
                           num_unlabeled: int = 24, num_test: int = 0, seed: int = 0, clinical: bool = False, *,
                           slices=None, inplane_voxels=None, inplane_spacing=None, slice_spacing=None,
-                          drop_probability: float = 0.2, progress: bool = False) -> Path:
+                          drop_probability: float = 0.2, setting: str | None = None,
+                          cohorts: dict[str, str] | None = None, progress: bool = False) -> Path:
     """Write ``raw_root/DatasetXXX_name`` as an nnU-Net raw dataset and return its path.
 
     Layout: dataset.json, imagesTr + labelsTr (labeled), imagesUnlabeled (no labels anywhere),
     imagesTs + labelsTs (only when num_test > 0) and phantoms.json (per-case seed, shape, spacing,
-    dropped organs, scanner orientation, phase, organ voxel counts). The cases come in the scanner
+    dropped organs, scanner orientation, cohort and its condition, phase, organ voxel counts); ``setting`` and
+    ``cohorts`` choose each split's cohort (see cohorts.py; default ``iid``). The cases come in the scanner
     orientations of SCANNER_ORIENTATIONS, and dataset.json names nnU-Net's reorienting reader
     (PHANTOM_READER_WRITER), as a user of nnU-Net does for data of mixed orientation. Built in a hidden
     sibling folder and renamed at the end: on any error nothing is left behind. Invalid arguments raise NsnError.
@@ -103,7 +106,8 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
         raise NsnError(f"--name must be letters, digits, '_' or '-', got {name!r}")
     cases = plan_cases(num_labeled, num_unlabeled, num_test, seed, clinical, name=name, slices=slices,
                        inplane_voxels=inplane_voxels, inplane_spacing=inplane_spacing, slice_spacing=slice_spacing,
-                       drop_probability=drop_probability)
+                       drop_probability=drop_probability, setting=setting, cohorts=cohorts)
+    sources = split_sources(setting, cohorts)
     raw_root = check_output_folder(Path(raw_root).expanduser().absolute(), "nnUNet_raw (-o)")
     target = _check_target(raw_root, dataset_id, name)
     check_memory(cases)
@@ -126,7 +130,7 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
         records = []
         for case in tqdm(cases, desc=f"phantoms {target.name}", unit="case", disable=not progress):
             phantom = make_phantom(case.seed, case.shape_zyx, case.spacing_zyx, body_scale=case.body_scale,
-                                   drop=case.dropped, direction=case.direction)
+                                   drop=case.dropped, direction=case.direction, condition=case.condition)
             images, labels = folders[case.split]
             image_path = f"{images}/{case.identifier}_0000.nii.gz"
             label_path = f"{labels}/{case.identifier}.nii.gz" if labels else None
@@ -135,7 +139,8 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
                 "identifier": case.identifier, "split": case.split, "image": image_path, "label": label_path,
                 "seed": case.seed, "shape_zyx": list(case.shape_zyx), "spacing_zyx": list(case.spacing_zyx),
                 "body_scale": case.body_scale, "dropped": list(case.dropped), "orientation": case.orientation,
-                "direction": list(case.direction), "phase": phantom.info["phase"],
+                "direction": list(case.direction), "cohort": case.cohort, "condition": case.condition.to_json(),
+                "phase": phantom.info["phase"],
                 "noise_sd": phantom.info["noise_sd"], "organ_voxels": phantom.organ_voxels()})
         counts = f"{num_labeled} labeled (imagesTr/labelsTr), {num_unlabeled} unlabeled (imagesUnlabeled)" + (
             f", {num_test} test (imagesTs/labelsTs)" if num_test else "")
@@ -148,10 +153,10 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
             "name": name,
             "description": f"Synthetic abdominal CT phantoms with the 13 FLARE22 organs (noisy_student_nnunet "
                            f"{__version__}, seed {seed}{', clinical size' if clinical else ''}): {counts}. "
-                           "Not patient data.",
+                           f"Cohorts: {', '.join(f'{s} {c}' for s, c in sources.items())}. Not patient data.",
         }
         manifest = {"generator": f"noisy_student_nnunet.phantoms {__version__}", "seed": seed, "clinical": clinical,
-                    "drop_probability": float(drop_probability), "cases": records}
+                    "drop_probability": float(drop_probability), "cohorts": sources, "cases": records}
         (partial / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
         (partial / "phantoms.json").write_text(_manifest_text(manifest))
         if target.exists():
@@ -161,3 +166,10 @@ def write_phantom_dataset(raw_root: str | os.PathLike, dataset_id: int, name: st
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
+
+
+def remake_case(record: dict) -> Phantom:
+    """The phantom of one ``phantoms.json`` case record, made again (labels of unlabeled cases, for scoring)."""
+    return make_phantom(record["seed"], record["shape_zyx"], record["spacing_zyx"], body_scale=record["body_scale"],
+                        drop=record["dropped"], direction=record.get("direction"),
+                        condition=Condition.from_json(record.get("condition")))

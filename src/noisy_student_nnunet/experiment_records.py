@@ -1,0 +1,169 @@
+"""Per-seed result files of the semi-supervised experiment, and the paired statistics computed from them.
+
+Why files per seed: one seed of ``benchmarks/semi_supervised_experiment.py`` takes about a quarter of an hour on
+two CPU cores, so eight seeds per setting outlast a working session. Each finished seed writes one JSON file
+(committed under ``docs/experiments/SETTING/seedN.json``); the summary is recomputed from whatever files exist,
+and a rerun skips a seed whose file has the same fingerprint (code version, recipe, cohorts, demo arguments).
+
+A file holds at least ``setting``, ``seed`` and ``stages: {STAGE: {ORGAN: {"DSC": x, "NSD": y}}}`` with STAGE
+one of :data:`STAGES` (plus ablation stages), ORGAN a FLARE22 name of ``dataset.json`` and each value the mean
+over the seed's test cases, as a fraction. ``cases`` keeps every test case's scores and cohort, so that
+the per-cohort table (and anything else) can be recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from noisy_student_nnunet.flare import FLARE22_ORGANS
+from noisy_student_nnunet.outputs import atomic_write_text
+
+ORGANS = tuple(organ.name for organ in FLARE22_ORGANS)
+METRICS = ("DSC", "NSD")
+STAGES = ("teacher", "teacher_ensemble", "student", "finetuned", "teacher_as_long")
+#: the paired differences the summary reports, (stage, baseline)
+COMPARISONS = (("finetuned", "teacher_as_long"), ("finetuned", "teacher"), ("finetuned", "teacher_ensemble"),
+               ("student", "teacher"))
+
+CaseScores = dict[str, dict[str, dict[str, float | None]]]  # case -> organ -> metric -> value
+
+
+def case_scores(result) -> CaseScores:
+    """An :class:`~noisy_student_nnunet.evaluation.EvaluationResult` as case -> organ -> {DSC, NSD}."""
+    scores: CaseScores = {}
+    for case in result.cases:
+        name = case.name[: -len(".nii.gz")] if case.name.endswith(".nii.gz") else case.name
+        scores[name] = {spec.name: {"DSC": _finite(d), "NSD": _finite(n)}
+                        for spec, d, n in zip(result.specs, case.dsc, case.nsd)}
+    return scores
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def organ_means(scores: CaseScores, cases: Iterable[str] | None = None) -> dict[str, dict[str, float | None]]:
+    """Mean over ``cases`` (default: all) per organ and metric; undefined values are left out."""
+    chosen = list(scores) if cases is None else [c for c in cases if c in scores]
+    means: dict[str, dict[str, float | None]] = {}
+    for organ in ORGANS:
+        means[organ] = {}
+        for metric in METRICS:
+            values = [scores[c][organ][metric] for c in chosen if organ in scores[c]]
+            values = [v for v in values if v is not None]
+            means[organ][metric] = round(statistics.fmean(values), 6) if values else None
+    return means
+
+
+def overall(organs: Mapping[str, Mapping[str, float | None]], metric: str = "DSC") -> float | None:
+    """The 13-organ mean of one stage's organ means (FLARE's score: mean over organs and cases)."""
+    values = [organs[o][metric] for o in ORGANS if o in organs and organs[o][metric] is not None]
+    return statistics.fmean(values) if values else None
+
+
+def write_record(path: Path, record: dict) -> None:
+    """One seed's file, whole or not at all."""
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+def load_records(folder: Path, fingerprint: str | None = None) -> list[dict]:
+    """Every ``seed*.json`` in ``folder`` (with ``fingerprint`` only, when given), in seed order."""
+    records = []
+    for path in sorted(folder.glob("seed*.json")):
+        record = json.loads(path.read_text())
+        if fingerprint is None or record.get("fingerprint") == fingerprint:
+            records.append(record)
+    return sorted(records, key=lambda r: r["seed"])
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two-sided Student-t confidence interval of the mean (n >= 2; else the mean three times)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def paired_differences(records: Sequence[dict], stage: str, baseline: str, metric: str = "DSC",
+                       organ: str | None = None, cohort: str | None = None) -> list[float]:
+    """Per seed, ``stage`` minus ``baseline`` in points (x100): the 13-organ mean, or one organ; over the test
+    cases of one cohort when given. Seeds lacking either stage (or any case of the cohort) are left out."""
+    differences = []
+    for record in records:
+        stages = record["stages"] if cohort is None else record.get("per_cohort", {}).get(cohort, {}).get("stages")
+        if not stages or stage not in stages or baseline not in stages:
+            continue
+        if organ is None:
+            a, b = overall(stages[stage], metric), overall(stages[baseline], metric)
+        else:
+            a, b = stages[stage][organ][metric], stages[baseline][organ][metric]
+        if a is not None and b is not None:
+            differences.append(100.0 * (a - b))
+    return differences
+
+
+def _interval_text(values: Sequence[float]) -> str:
+    if not values:
+        return "n/a"
+    mean, low, high = t_interval(values)
+    return f"{mean:+6.2f} [{low:+6.2f}, {high:+6.2f}]"
+
+
+def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
+    """The summary: each stage's mean, then every comparison's paired difference with its 95 % interval, overall,
+    per organ and (where the files have cohorts) per cohort of the test set."""
+    if not records:
+        return "no result files"
+    setting = records[0]["setting"]
+    seeds = [r["seed"] for r in records]
+    stages = [s for s in (*STAGES, *sorted({s for r in records for s in r["stages"]} - set(STAGES)))
+              if any(s in r["stages"] for r in records)]
+    comparisons = [c for c in COMPARISONS if c[0] in stages and c[1] in stages]
+    comparisons += [(s, "teacher_as_long") for s in stages if s not in STAGES and "teacher_as_long" in stages]
+    lines = [f"setting {setting}: {len(records)} seeds ({', '.join(map(str, seeds))}); {metric} in points, mean over "
+             f"the 13 organs and each seed's test cases; intervals: 95 % Student t over seeds, paired by seed", ""]
+    lines.append(f"{'stage':<22}{'mean':>8}{'sd':>7}   per seed")
+    for stage in stages:
+        values = [100 * overall(r["stages"][stage], metric) for r in records if stage in r["stages"]]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"{stage:<22}{statistics.fmean(values):8.2f}{sd:7.2f}   " + " ".join(f"{v:.1f}" for v in values))
+    if any("pseudo_labels" in r for r in records):
+        values = [100 * overall(r["pseudo_labels"], metric) for r in records if "pseudo_labels" in r]
+        lines.append(f"{'(pseudo-labels vs truth)':<22}{statistics.fmean(values):8.2f}")
+    lines += ["", f"{'paired difference':<36}{'mean [95 % CI]':>26}   n"]
+    for stage, baseline in comparisons:
+        values = paired_differences(records, stage, baseline, metric)
+        lines.append(f"{stage + ' - ' + baseline:<36}{_interval_text(values):>26}   {len(values)}")
+    lines += ["", "per organ: paired difference, mean [95 % CI] over seeds"]
+    lines.append(f"{'organ':<20}" + "".join(f"{a + ' - ' + b:>30}" for a, b in comparisons))
+    for organ in ORGANS:
+        lines.append(f"{organ:<20}" + "".join(
+            f"{_interval_text(paired_differences(records, a, b, metric, organ=organ)):>30}" for a, b in comparisons))
+    cohorts = sorted({c for r in records for c in r.get("per_cohort", {})})
+    if len(cohorts) > 1:
+        lines += ["", "per cohort of the test set: paired difference, mean [95 % CI] over the seeds with such cases "
+                      "(cases: test cases over all seeds)"]
+        lines.append(f"{'cohort':<24}{'cases':>6}" + "".join(f"{a + ' - ' + b:>30}" for a, b in comparisons))
+        for cohort in cohorts:
+            cases = sum(r["per_cohort"][cohort]["cases"] for r in records if cohort in r.get("per_cohort", {}))
+            lines.append(f"{cohort:<24}{cases:>6}" + "".join(
+                f"{_interval_text(paired_differences(records, a, b, metric, cohort=cohort)):>30}"
+                for a, b in comparisons))
+    return "\n".join(lines)
+
+
+def per_cohort(scores_by_stage: Mapping[str, CaseScores], case_cohorts: Mapping[str, str]) -> dict:
+    """cohort -> {cases, stages: {stage: organ means over that cohort's test cases}}."""
+    table = {}
+    for cohort in sorted(set(case_cohorts.values())):
+        cases = [c for c, k in case_cohorts.items() if k == cohort]
+        table[cohort] = {"cases": len(cases),
+                         "stages": {stage: organ_means(scores, cases) for stage, scores in scores_by_stage.items()}}
+    return table
