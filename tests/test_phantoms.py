@@ -253,3 +253,103 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ph.write_phantom_dataset(tmp_path, 7, num_labeled=2, num_unlabeled=1, **SMALL)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Cohorts: pathology and acquisition (issue 19)
+
+from dataclasses import replace  # noqa: E402
+
+from noisy_student_nnunet.phantoms.cohorts import COHORTS, MIXES, Condition, Lesion  # noqa: E402
+
+LESION_CASES = [("liver_metastasis", "liver", "portal", "darker"), ("liver_hcc", "liver", "arterial", "brighter"),
+                ("liver_cyst", "liver", "native", "darker"), ("kidney_cyst", "left_kidney", "portal", "darker"),
+                ("kidney_tumour", "right_kidney", "native", None),
+                ("pancreas_adenocarcinoma", "pancreas", "arterial", "darker"),
+                ("pancreas_cyst", "pancreas", "portal", "darker")]
+
+
+@pytest.mark.parametrize("kind,organ,phase,appearance", LESION_CASES)
+def test_lesions_are_labeled_as_their_organ_and_look_as_in_their_phase(kind, organ, phase, appearance):
+    # sharp kernel: no blur spreads the lesion's HU beyond it, so every changed voxel must be the organ's
+    plain = Condition(phase=phase, kernel="sharp", seed=5)
+    sick = replace(plain, lesions=(Lesion(organ, kind, 40.0),))
+    args = (11, (24, 80, 80), (2.5, 0.8, 0.8))
+    healthy, lesioned = ph.make_phantom(*args, condition=plain), ph.make_phantom(*args, condition=sick)
+    assert np.array_equal(healthy.label, lesioned.label)  # the lesion is labeled as its organ
+    changed = healthy.image != lesioned.image
+    assert changed.sum() >= 20
+    assert set(np.unique(healthy.label[changed])) == {ORGANS[organ]}
+    before, after = healthy.image[changed].astype(float).mean(), lesioned.image[changed].astype(float).mean()
+    if appearance == "darker":
+        assert after < before - 15
+    elif appearance == "brighter":
+        assert after > before + 15
+    if kind.endswith("cyst"):
+        assert abs(after) < 25  # water in every phase
+
+
+def test_phase_kernel_offset_organ_scale_and_coverage_do_what_they_say():
+    args = (4, (24, 80, 80), (2.5, 0.8, 0.8))
+    native = ph.make_phantom(*args, condition=Condition(phase="native", kernel="sharp"))
+    portal = ph.make_phantom(*args, condition=Condition(phase="portal", kernel="sharp"))
+    assert native.info["phase"] == "native" and portal.info["phase"] == "portal"
+    kidney = native.label == ORGANS["left_kidney"]
+    assert portal.image[kidney].mean() > native.image[kidney].mean() + 60  # enhancing kidney cortex
+    shifted = ph.make_phantom(*args, condition=Condition(phase="native", kernel="sharp", hu_offset=20.0))
+    assert np.array_equal(shifted.label, native.label)
+    inside = native.image > -900  # away from the -1024 clip
+    assert abs(float((shifted.image[inside].astype(float) - native.image[inside]).mean()) - 20.0) < 0.5
+    big = ph.make_phantom(*args, condition=Condition(organ_scale=(("spleen", 1.5),)))
+    small = ph.make_phantom(*args, condition=Condition(organ_scale=(("right_kidney", 0.65),)))
+    normal = ph.make_phantom(*args, condition=Condition())
+    assert big.organ_voxels()["spleen"] > 1.5 * normal.organ_voxels()["spleen"]
+    assert small.organ_voxels()["right_kidney"] < 0.6 * normal.organ_voxels()["right_kidney"]
+    soft = ph.make_phantom(*args, condition=Condition(kernel="soft", noise_sd=15.0))
+    sharp = ph.make_phantom(*args, condition=Condition(kernel="sharp", noise_sd=15.0))
+    liver = soft.label == ORGANS["liver"]
+    rough = [float(np.abs(np.diff(p.image.astype(float), axis=2))[liver[:, :, 1:]].mean()) for p in (soft, sharp)]
+    assert rough[1] > 1.3 * rough[0]  # the sharp kernel leaves fine-grained noise
+    partial = ph.make_phantom(*args, condition=Condition(coverage=(0.0, 160.0)))
+    voxels = partial.organ_voxels()
+    assert voxels["liver"] > 0 and voxels["right_kidney"] > 0 and voxels["esophagus"] == 0  # ends inside the liver
+
+
+def test_shift_setting_narrow_labeled_cohort_broad_unlabeled_and_test():
+    cases = ph.plan_cases(8, 24, 8, seed=2, setting="shift", inplane_voxels=(72, 80), slices=(16, 24),
+                          slice_spacing=(2.5, 3.5))
+    labeled = [c for c in cases if c.split == "labeled"]
+    assert {c.cohort for c in labeled} == {"pancreas_portal"}
+    assert {c.condition.phase for c in labeled} == {"portal"}
+    assert all(2.5 <= c.spacing_zyx[0] <= 3.0 and c.condition.coverage is None for c in labeled)
+    assert {lesion.organ for c in labeled for lesion in c.condition.lesions} <= {"pancreas"}
+    for split in ("unlabeled", "test"):
+        chosen = [c for c in cases if c.split == split]
+        assert {c.cohort for c in chosen} <= set(MIXES["flare_mix"])
+    unlabeled = [c for c in cases if c.split == "unlabeled"]
+    assert len({c.cohort for c in unlabeled}) >= 3
+    assert len({c.condition.phase for c in unlabeled}) == 3
+    assert any(c.condition.lesions and c.condition.lesions[0].organ == "liver" for c in unlabeled)
+    thick = [c.spacing_zyx[0] for c in unlabeled if c.cohort == "kidney_native"]
+    assert thick and min(thick) >= COHORTS["kidney_native"].slice_spacing[0]
+    assert not {c.seed for c in unlabeled} & {c.seed for c in cases if c.split == "test"}  # different cases
+    # iid is the phantoms as they were: no cohort draws at all
+    assert ph.plan_cases(4, 4, 2, seed=2) == ph.plan_cases(4, 4, 2, seed=2, setting="iid")
+    assert all(c.condition == Condition() and c.cohort == "iid" for c in ph.plan_cases(4, 4, 2, seed=2))
+
+
+def test_cli_writes_a_shift_dataset_whose_cases_can_be_made_again(tmp_path):
+    result = run_nsn("-d", "12", "-o", str(tmp_path), "--setting", "shift", "--cohort", "test=kidney_native",
+                     "-n", "2", "-u", "2", "-t", "2", "--inplane-voxels", "48", "56", "--slices", "16", "20")
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "Dataset012_Phantoms"
+    manifest = json.loads((folder / "phantoms.json").read_text())
+    assert manifest["cohorts"] == {"labeled": "pancreas_portal", "unlabeled": "flare_mix", "test": "kidney_native"}
+    for record in manifest["cases"]:
+        assert record["cohort"] == {"labeled": "pancreas_portal", "test": "kidney_native"}.get(
+            record["split"], record["cohort"])
+        if record["split"] == "test":
+            on_disk, _ = read(folder / record["label"])
+            assert np.array_equal(ph.remake_case(record).label, on_disk)
+    bad = run_nsn("-d", "13", "-o", str(tmp_path), "--cohort", "martian")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "martian" in bad.stderr

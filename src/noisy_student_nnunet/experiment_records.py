@@ -147,7 +147,7 @@ def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
         lines.append(f"{organ:<20}" + "".join(
             f"{_interval_text(paired_differences(records, a, b, metric, organ=organ)):>30}" for a, b in comparisons))
     cohorts = sorted({c for r in records for c in r.get("per_cohort", {})})
-    if len(cohorts) > 1:
+    if cohorts and cohorts != ["iid"]:
         lines += ["", "per cohort of the test set: paired difference, mean [95 % CI] over the seeds with such cases "
                       "(cases: test cases over all seeds)"]
         lines.append(f"{'cohort':<24}{'cases':>6}" + "".join(f"{a + ' - ' + b:>30}" for a, b in comparisons))

@@ -1,0 +1,59 @@
+"""The semi-supervised experiment's per-seed files and paired statistics, on records made by hand."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from scipy import stats
+
+from noisy_student_nnunet.experiment_records import (ORGANS, load_records, organ_means, paired_differences,
+                                                     per_cohort, summary_table, t_interval, write_record)
+
+
+def stage(dsc: float, liver: float | None = None) -> dict:
+    organs = {organ: {"DSC": dsc, "NSD": dsc} for organ in ORGANS}
+    if liver is not None:
+        organs["liver"] = {"DSC": liver, "NSD": liver}
+    return organs
+
+
+def record(seed: int, teacher: float, finetuned: float, fingerprint: str = "f") -> dict:
+    return {"setting": "shift", "seed": seed, "fingerprint": fingerprint,
+            "stages": {"teacher": stage(teacher), "finetuned": stage(finetuned, liver=finetuned + 0.1)},
+            "per_cohort": {"kidney_native": {"cases": 2, "stages": {"teacher": stage(teacher),
+                                                                   "finetuned": stage(finetuned + 0.05)}}}}
+
+
+def test_t_interval_is_students_and_paired_differences_are_per_seed_in_points():
+    records = [record(0, 0.60, 0.63), record(1, 0.50, 0.51), record(2, 0.70, 0.75)]
+    overall = paired_differences(records, "finetuned", "teacher")
+    # 12 organs at the stage value and the liver 10 points above it
+    expected = [100 * (f + 0.1 / 13 - t) for t, f in ((0.60, 0.63), (0.50, 0.51), (0.70, 0.75))]
+    assert overall == pytest.approx(expected)
+    assert paired_differences(records, "finetuned", "teacher", organ="liver") == pytest.approx([13, 11, 15])
+    assert paired_differences(records, "finetuned", "teacher", cohort="kidney_native") == pytest.approx([8, 6, 10])
+    assert paired_differences(records, "finetuned", "teacher", cohort="spleen_lowdose") == []
+    mean, low, high = t_interval([8.0, 6.0, 10.0])
+    half = stats.t.ppf(0.975, 2) * statistics.stdev([8, 6, 10]) / 3 ** 0.5
+    assert (mean, low, high) == pytest.approx((8.0, 8.0 - half, 8.0 + half))
+    assert t_interval([3.0]) == (3.0, 3.0, 3.0)
+
+
+def test_files_round_trip_and_the_summary_names_every_comparison_and_cohort(tmp_path):
+    for r in (record(1, 0.5, 0.6), record(0, 0.6, 0.7), record(2, 0.6, 0.6, fingerprint="old")):
+        write_record(tmp_path / f"seed{r['seed']}.json", r)
+    assert [r["seed"] for r in load_records(tmp_path)] == [0, 1, 2]
+    assert [r["seed"] for r in load_records(tmp_path, fingerprint="f")] == [0, 1]
+    assert json.loads((tmp_path / "seed0.json").read_text())["stages"]["teacher"]["liver"]["DSC"] == 0.6
+    text = summary_table(load_records(tmp_path, fingerprint="f"))
+    assert "finetuned - teacher" in text and "kidney_native" in text and "2 seeds (0, 1)" in text
+
+
+def test_organ_means_leave_out_undefined_values_and_group_by_cohort():
+    scores = {"a": {o: {"DSC": 1.0, "NSD": 0.5} for o in ORGANS}, "b": {o: {"DSC": 0.0, "NSD": None} for o in ORGANS}}
+    means = organ_means(scores)
+    assert means["liver"] == {"DSC": 0.5, "NSD": 0.5}
+    grouped = per_cohort({"teacher": scores}, {"a": "x", "b": "y"})
+    assert grouped["x"]["cases"] == 1 and grouped["y"]["stages"]["teacher"]["liver"]["DSC"] == 0.0
