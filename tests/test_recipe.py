@@ -137,3 +137,57 @@ def test_recipe_from_plans_and_env_override(tmp_path, monkeypatch, flare22):
     with pytest.raises(NsnError, match="training.momentum"):
         monkeypatch.delenv(ENV_VAR)
         recipe_from_plans({PLANS_KEY: bad})
+
+
+# --- overrides: NSN_RECIPE and `nsn plan --recipe` lay a file's keys over the planned recipe -----------------
+
+
+def test_partial_override_keeps_every_key_it_does_not_name(tmp_path, monkeypatch, flare22):
+    from noisy_student_nnunet.recipe import changed_keys
+
+    planned = copy.deepcopy(flare22)
+    planned["student"]["pseudo_dataset"] = "Dataset502_Pseudo"  # as `nsn pseudolabel` records it
+    override = tmp_path / "epochs.json"
+    override.write_text(json.dumps({"training": {"num_epochs": 3}}))  # the file, which failed at once
+    monkeypatch.setenv(ENV_VAR, str(override))
+    recipe = recipe_from_plans({"plans_name": "nnUNetLowFootprintPlans", PLANS_KEY: planned})
+    assert recipe["training"]["num_epochs"] == 3
+    assert changed_keys(planned, recipe) == ["training.num_epochs"]
+    assert recipe["student"]["pseudo_dataset"] == "Dataset502_Pseudo"
+
+
+def test_a_whole_recipe_override_keeps_the_recorded_pseudo_dataset(monkeypatch, flare22):
+    planned = dict(flare22, student=dict(flare22["student"], pseudo_dataset="Dataset502_Pseudo"))
+    monkeypatch.setenv(ENV_VAR, "tiny")  # every bundled recipe says pseudo_dataset: null ("not recorded yet")
+    recipe = recipe_from_plans({PLANS_KEY: planned})
+    assert recipe == dict(load_recipe("tiny"), student=dict(load_recipe("tiny")["student"],
+                                                            pseudo_dataset="Dataset502_Pseudo"))
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"training": {"num_epoch": 3}}, "unknown recipe key 'training.num_epoch'"),
+    ({"trainig": {"num_epochs": 3}}, "unknown recipe key 'trainig'"),
+    ({"training": {"num_epochs": "3"}}, "recipe key 'training.num_epochs' must be numeric"),
+    ({"training": {"num_epochs": 2.5}}, "recipe key 'training.num_epochs' must be an integer"),
+    ({"training": 3}, "recipe key 'training' must be an object"),
+    ({"training": {"optimizer": "adam"}}, "recipe key 'training.optimizer' must be one of sgd, adamw"),
+    ({"network": {"patch_size": [16, 32]}}, "recipe key 'network.patch_size' must be a list of 3 integers"),
+    ({"network": {"batch_size": 6}}, "recipe key 'network.batch_size' must be a multiple"),
+    ([1, 2], "recipe key 'recipe' must be an object"),
+])
+def test_bad_override_is_one_line_naming_the_key(tmp_path, monkeypatch, flare22, document, message):
+    override = tmp_path / "bad.json"
+    override.write_text(json.dumps(document))
+    monkeypatch.setenv(ENV_VAR, str(override))
+    with pytest.raises(NsnError) as error:
+        recipe_from_plans({PLANS_KEY: flare22})
+    text = str(error.value)
+    assert message in text and f"{ENV_VAR}={override}" in text and "\n" not in text
+
+
+def test_without_a_planned_recipe_the_override_must_be_complete(tmp_path, monkeypatch):
+    override = tmp_path / "epochs.json"
+    override.write_text(json.dumps({"training": {"num_epochs": 3}}))
+    monkeypatch.setenv(ENV_VAR, str(override))
+    with pytest.raises(NsnError, match="complete recipe .*missing recipe key 'description'"):
+        recipe_from_plans({"plans_name": "nnUNetPlans"})

@@ -269,6 +269,27 @@ def planner_patch_size(planner: Any, stock_plans: dict[str, Any], recipe: dict[s
     return [int(i) for i in config["patch_size"]]
 
 
+def planned_recipe(dataset: str | int, plans_name: str = LOWFOOTPRINT_PLANS) -> tuple[dict[str, Any] | None, Path]:
+    """The recipe already in ``<plans_name>.json`` of a dataset (None if no such plans or no valid recipe).
+
+    ``nsn plan --recipe`` lays its file over it, as ``NSN_RECIPE`` is laid over it in training, so that a
+    re-plan keeps what it does not name (``student.pseudo_dataset`` recorded by ``nsn pseudolabel``).
+    An invalid recipe there (written by an older version) is no base: the caller starts from a bundled one.
+    """
+    _, dataset_name = resolve_dataset(dataset)
+    plans_file = _require_env("nnUNet_preprocessed") / dataset_name / f"{plans_name}.json"
+    try:
+        recipe = json.loads(plans_file.read_text()).get(PLANS_KEY)
+    except FileNotFoundError:
+        return None, plans_file
+    except (OSError, ValueError, AttributeError) as error:
+        raise NsnError(f"cannot read the existing plans {plans_file}: {error_message(error)}") from None
+    try:
+        return (validate_recipe(recipe) if recipe is not None else None), plans_file
+    except NsnError:
+        return None, plans_file
+
+
 def plan_dataset(dataset: str | int, recipe: dict[str, Any], planner_name: str = "ExperimentPlanner",
                  plans_name: str = LOWFOOTPRINT_PLANS, num_processes: int = 4) -> Path:
     """``nsn plan``: write ``<plans_name>.json`` for a dataset; preprocess only cases whose data is missing."""

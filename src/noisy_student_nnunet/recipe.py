@@ -3,7 +3,9 @@
 A recipe reaches a trainer started by stock ``nnUNetv2_train`` (whose arguments are fixed) through
 the plans: ``nsn plan`` writes it under :data:`PLANS_KEY`, nnU-Net copies the plans into each
 results folder, so a model folder records how it was trained. For experiments the environment
-variable :data:`ENV_VAR` names a recipe file that overrides the one in the plans.
+variable :data:`ENV_VAR` names a recipe file whose keys are laid over the planned recipe
+(:func:`merge_recipe`): a file holding only ``{"training": {"num_epochs": 3}}`` changes the epochs and
+keeps everything else, ``student.pseudo_dataset`` (recorded by ``nsn pseudolabel``) included.
 
 Validation is strict: an unknown key, a missing key, a wrong type or an out-of-range value is an
 :class:`~noisy_student_nnunet.errors.NsnError` naming the key (``training.initial_lr``).
@@ -171,26 +173,100 @@ def bundled_recipe_path(name: str) -> Path:
     return CONFIGS_DIR / f"{name}.json"
 
 
-def load_recipe(path_or_name: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a recipe from a JSON file, or a bundled recipe by name (``flare22``, ``tiny``)."""
+def _read_recipe_file(path_or_name: str | os.PathLike) -> tuple[Any, Path]:
+    """The JSON document of a recipe file, or of a bundled recipe by name; not validated."""
     path = Path(path_or_name)
     if not path.suffix and not path.exists():
         path = bundled_recipe_path(str(path_or_name))
     if not path.is_file():
         raise NsnError(f"recipe file not found: {path_or_name}")
     try:
-        recipe = json.loads(path.read_text())
+        return json.loads(path.read_text()), path
     except json.JSONDecodeError as error:
         raise NsnError(f"recipe file {path} is not valid JSON: {error}") from None
-    return validate_recipe(recipe)
+
+
+def load_recipe(path_or_name: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a complete recipe from a JSON file, or a bundled recipe by name (``flare22``, ``tiny``)."""
+    return validate_recipe(_read_recipe_file(path_or_name)[0])
+
+
+#: the one key an override's null does not overwrite: null there means "not recorded yet" (every bundled
+#: recipe says so), never "forget the dataset `nsn pseudolabel` recorded"; NSN_PSEUDO_DATASET names another
+KEEP_WHEN_NULL = ("student.pseudo_dataset",)
+
+
+def _merge_into(schema: dict[str, Any], target: dict[str, Any], override: Any, prefix: str) -> None:
+    if not isinstance(override, dict):
+        raise NsnError(f"recipe key '{prefix.rstrip('.') or 'recipe'}' must be an object, got {override!r}")
+    for key, value in override.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise NsnError(f"unknown recipe key '{name}'")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            _merge_into(spec, target[key], value, f"{name}.")
+        elif not (value is None and name in KEEP_WHEN_NULL):
+            _check_leaf(spec, value, name)
+            target[key] = copy.deepcopy(value)
+
+
+def merge_recipe(base: dict[str, Any], override: Any) -> dict[str, Any]:
+    """``override`` (a whole or partial recipe document) laid over the complete recipe ``base``; a new dict.
+
+    A key the override does not name keeps its value in ``base``; so does ``student.pseudo_dataset`` when
+    the override sets it to null (:data:`KEEP_WHEN_NULL`). An unknown key, a wrong type or an out-of-range
+    value is an NsnError naming the key; the result is validated as a whole (the batch must still hold the
+    student's ratio).
+    """
+    merged = copy.deepcopy(validate_recipe(base))
+    _merge_into(SCHEMA, merged, override, "")
+    return validate_recipe(merged)
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the leaves whose value differs between two recipes (for logs: what an override changed)."""
+    keys: list[str] = []
+    for key, value in after.items():
+        old = before.get(key) if isinstance(before, dict) else None
+        if isinstance(value, dict) and isinstance(old, dict):
+            keys += changed_keys(old, value, f"{prefix}{key}.")
+        elif value != old:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def override_recipe(base: dict[str, Any] | None, path_or_name: str | os.PathLike, origin: str) -> dict[str, Any]:
+    """The recipe file ``path_or_name`` merged onto ``base`` (see :func:`merge_recipe`); errors name ``origin``.
+
+    ``base`` None (nothing planned to merge onto): the file must be a complete recipe.
+    """
+    document, path = _read_recipe_file(path_or_name)
+    try:
+        if base is None:
+            return validate_recipe(document)
+        return merge_recipe(base, document)
+    except NsnError as error:
+        where = origin if str(path) == str(path_or_name) else f"{origin} ({path})"
+        raise NsnError(f"{where}: {error}") from None
 
 
 def recipe_from_plans(plans: dict[str, Any]) -> dict[str, Any]:
-    """The recipe a trainer should use: ``$NSN_RECIPE`` if set, else the one ``nsn plan`` wrote into the plans."""
+    """The recipe a trainer should use: the one ``nsn plan`` wrote into the plans, with ``$NSN_RECIPE`` laid over it.
+
+    Plans without a recipe (stock plans) take ``$NSN_RECIPE`` alone, which must then be complete.
+    """
+    planned = plans.get(PLANS_KEY)
+    if planned is not None:
+        try:
+            planned = validate_recipe(copy.deepcopy(planned))
+        except NsnError as error:
+            raise NsnError(f"plans '{plans.get('plans_name', '?')}': {error}") from None
     override = os.environ.get(ENV_VAR)
     if override:
-        return load_recipe(override)
-    if PLANS_KEY not in plans:
+        where = "complete recipe (the plans carry none to merge onto)" if planned is None else "override"
+        return override_recipe(planned, override, f"{ENV_VAR}={override}, {where}")
+    if planned is None:
         raise NsnError(f"plans '{plans.get('plans_name', '?')}' carry no recipe (key '{PLANS_KEY}'): "
                        f"derive them with `nsn plan` or set {ENV_VAR}")
-    return validate_recipe(copy.deepcopy(plans[PLANS_KEY]))
+    return planned

@@ -17,6 +17,11 @@ only when missing. Train with: nnUNetv2_train DATASET 3d_fullres FOLD -tr NoisyS
 """
 
 
+#: the recipe `nsn plan` writes when told nothing, and the base a partial --recipe file is laid over
+#: when the dataset has no plans yet
+DEFAULT_RECIPE = "flare22"
+
+
 def _default_processes() -> int:
     # nnU-Net's default (nnUNet_def_n_proc), without importing nnunetv2
     return int(os.environ.get("nnUNet_def_n_proc", 8))
@@ -31,8 +36,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("-d", dest="dataset", required=True, metavar="DATASET",
                         help="dataset id or name (DatasetXXX_Name)")
-    parser.add_argument("--recipe", default="flare22",
-                        help="bundled recipe name (flare22, tiny) or path to a recipe JSON (default: flare22)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help="bundled recipe name (flare22, tiny, demo) or path to a recipe JSON, whole or partial "
+                             "(default: flare22). Its keys are laid over the recipe already in the plans (a "
+                             "re-plan keeps what the file does not name, the recorded pseudo-labeled dataset "
+                             "included), or over flare22 when there are no plans yet")
     parser.add_argument("-pl", dest="planner", default="ExperimentPlanner",
                         help="nnU-Net experiment planner for the stock plans and the patch heuristics "
                              "(default: ExperimentPlanner)")
@@ -46,18 +54,25 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from noisy_student_nnunet.errors import NsnError
     from noisy_student_nnunet.plans import CONFIGURATION, plan_dataset
-    from noisy_student_nnunet.recipe import load_recipe
+    from noisy_student_nnunet.plans import planned_recipe
+    from noisy_student_nnunet.recipe import changed_keys, load_recipe, override_recipe
     import json
 
     if args.num_processes < 1:
         raise NsnError(f"-np must be at least 1, got {args.num_processes}")
-    recipe = load_recipe(args.recipe)
+    base, plans_file = planned_recipe(args.dataset, args.plans_name)
+    base_origin = f"the recipe in {plans_file}"
+    if base is None:  # first plan: the default recipe is the base, as `nsn plan` alone would write it
+        base, base_origin = load_recipe(DEFAULT_RECIPE), f"bundled {DEFAULT_RECIPE}"
+    recipe = override_recipe(base, args.recipe, f"--recipe {args.recipe}")
     out_file = plan_dataset(args.dataset, recipe, planner_name=args.planner, plans_name=args.plans_name,
                             num_processes=args.num_processes)
     config = json.loads(out_file.read_text())["configurations"][CONFIGURATION]
     arch = config["architecture"]["arch_kwargs"]
+    changed = changed_keys(base, recipe)
     print(f"wrote {out_file}")
-    print(f"  recipe             {recipe['name']}")
+    print(f"  recipe             {recipe['name']} (--recipe {args.recipe} over {base_origin}: "
+          f"{len(changed)} key(s) changed)")
     print(f"  configuration      {CONFIGURATION} (data: {config['data_identifier']})")
     print(f"  patch size         {config['patch_size']}")
     print(f"  batch size         {config['batch_size']}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from noisy_student_nnunet.augmentation import (build_training_transforms, config
 from noisy_student_nnunet.cpu_threads import cpu_thread_count
 from noisy_student_nnunet.inference.precision import cpu_native_bf16
 from noisy_student_nnunet.errors import NsnError
-from noisy_student_nnunet.recipe import PLANS_KEY, recipe_from_plans
+from noisy_student_nnunet.recipe import ENV_VAR, PLANS_KEY, changed_keys, recipe_from_plans
 
 
 def build_optimizer(parameters, schedule: dict[str, Any]) -> torch.optim.Optimizer:
@@ -74,7 +75,8 @@ class RecipeTrainer(nnUNetTrainer):
             # stock nnUNetv2_train asked for every core of the machine; use those this process may run on
             torch.set_num_threads(cpu_thread_count())
         self.recipe: dict[str, Any] = recipe_from_plans(plans)
-        # the effective recipe (NSN_RECIPE may override the planned one) is what the results folder's
+        overridden = changed_keys(plans.get(PLANS_KEY) or {}, self.recipe) if os.environ.get(ENV_VAR) else []
+        # the effective recipe (NSN_RECIPE laid over the planned one) is what the results folder's
         # plans.json records: on_train_start saves self.plans_manager.plans there
         self.plans_manager.plans[PLANS_KEY] = self.recipe
         self._apply_schedule(self.recipe[self.schedule_key])
@@ -84,6 +86,9 @@ class RecipeTrainer(nnUNetTrainer):
                                    + ("bf16 autocast (native bf16 on this CPU)" if self.cpu_bf16 else "fp32"))
         self.print_to_log_file(f"recipe '{self.recipe['name']}': schedule '{self.schedule_key}', "
                                f"augmentation '{self.augmentation_key}'", also_print_to_console=False)
+        if overridden:
+            self.print_to_log_file(f"{ENV_VAR}={os.environ[ENV_VAR]} changed {len(overridden)} planned recipe "
+                                   f"key(s): {', '.join(overridden)}")
 
     def _apply_schedule(self, schedule: dict[str, Any]) -> None:
         if not schedule["mixed_precision"]:
