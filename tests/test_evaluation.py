@@ -292,3 +292,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     bad_json.write_text("{}")
     assert main(["evaluate", str(tmp_path / "empty"), str(tmp_path / "empty"), "--labels", str(bad_json)]) == 2
     assert "'labels'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_label_maps_read_as_nibabel_reads_them(tmp_path, image_class, suffix):
+    """A .nii.gz is decompressed once and parsed from memory (NIfTI-1 and -2); the result is nibabel's own read."""
+    from noisy_student_nnunet.evaluation import load_label_image
+
+    data = np.random.default_rng(3).integers(0, 14, (9, 11, 7), dtype=np.uint8)
+    affine = np.diag([0.8, 0.7, 2.5, 1.0])
+    affine[:3, 3] = (-10.0, 4.0, 30.0)
+    path = tmp_path / f"case{suffix}"
+    nib.save(image_class(data, affine), path)
+    labels, zooms, read_affine = load_label_image(path)
+    stock = nib.load(path)
+    assert np.array_equal(labels, np.asanyarray(stock.dataobj)) and labels.dtype == np.uint8
+    assert zooms == pytest.approx((0.8, 0.7, 2.5)) and np.allclose(read_affine, stock.affine)

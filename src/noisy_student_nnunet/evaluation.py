@@ -41,7 +41,7 @@ import numpy as np
 
 from noisy_student_nnunet.errors import CaseError, NsnError, error_message
 from noisy_student_nnunet.flare import FLARE22_ORGANS, Organ
-from noisy_student_nnunet.io_checks import check_gzip_stream
+from noisy_student_nnunet.io_checks import read_gzip_stream
 from noisy_student_nnunet.outputs import atomic_write_text
 
 NIFTI_SUFFIX = ".nii.gz"
@@ -167,16 +167,26 @@ def score_structure(
     return dsc, nsd
 
 
+def _nifti_from_bytes(content: bytes):
+    """A NIfTI-1 or NIfTI-2 image parsed from its decompressed bytes (``sizeof_hdr`` tells which)."""
+    import nibabel as nib
+
+    sizes = {int.from_bytes(content[:4], order) for order in ("little", "big")}
+    image_class = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    return image_class.from_bytes(content)
+
+
 def _read_label_array(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     """The stored array (its own dtype, nibabel axis order), header spacing and affine; CaseError naming the
     file when it is truncated, unreadable or not 3D."""
     import nibabel as nib
 
     path = Path(path)
-    if path.name.endswith(".gz"):
-        check_gzip_stream(path)
+    # a .gz stream is read and decompressed once: checked to its end (nibabel reads a truncated one without
+    # an error), then parsed from memory
+    content = read_gzip_stream(path) if path.name.endswith(".gz") else None
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path)) if content is None else _nifti_from_bytes(content)
         data = np.asanyarray(image.dataobj)
         zooms = tuple(float(z) for z in image.header.get_zooms())
         affine = np.asarray(image.affine, dtype=np.float64)

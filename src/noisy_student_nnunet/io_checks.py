@@ -9,13 +9,14 @@ kept) and names the file when its end marker or checksum is missing. The checks 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from noisy_student_nnunet.errors import CaseError, NsnError, error_message
 
@@ -23,12 +24,11 @@ _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 _READ_CHUNK = 1 << 20
 
 
-def check_gzip_stream(path: str | Path) -> None:
-    """Decompress ``path`` to its end (nothing kept); CaseError naming it if the stream is cut or corrupt."""
+@contextlib.contextmanager
+def _gzip_errors(path: str | Path) -> Iterator[None]:
+    """gzip's and zlib's exceptions as one CaseError naming ``path`` and what is wrong with it."""
     try:
-        with gzip.open(path, "rb") as handle:
-            while handle.read(_READ_CHUNK):
-                pass
+        yield
     except EOFError:
         raise CaseError(f"{path}: truncated file (its gzip stream ends before the end marker; "
                         f"copy or download it again)") from None
@@ -41,6 +41,23 @@ def check_gzip_stream(path: str | Path) -> None:
         raise CaseError(f"{path}: corrupt gzip data ({error_message(error)})") from None
     except FileNotFoundError:
         raise CaseError(f"{path}: file not found") from None
+
+
+def check_gzip_stream(path: str | Path) -> None:
+    """Decompress ``path`` to its end (nothing kept); CaseError naming it if the stream is cut or corrupt."""
+    with _gzip_errors(path), gzip.open(path, "rb") as handle:
+        while handle.read(_READ_CHUNK):
+            pass
+
+
+def read_gzip_stream(path: str | Path) -> bytes:
+    """The whole decompressed content of ``path``, checked as :func:`check_gzip_stream` checks it.
+
+    For readers that can parse bytes (nibabel's ``from_bytes``): the file is read and decompressed once,
+    where a check followed by the reader's own read decompresses it twice.
+    """
+    with _gzip_errors(path), gzip.open(path, "rb") as handle:
+        return handle.read()
 
 
 def check_image_file(path: str | Path) -> None:
