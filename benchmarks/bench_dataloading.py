@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _common import machine
 
 HERE = Path(__file__).resolve().parent
 LABELED_ID, PSEUDO_ID = 931, 932
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "configurations"][CONFIGURATION]["patch_size"]
     print(f"# data loading, recipe '{args.recipe}', patch {patch}, batch 4, nnUNet_n_proc_DA={args.workers}, "
           f"{args.rounds} rounds x {args.batches} batches per trainer, {clock_name}")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(f"# {machine()}")
     print(f"# student minibatch: {composition}")
     print()
     print(f"| trainer | batches/s | rounds' quartiles | ms/batch | vs NoisyStudentFinetuneTrainer | vs nnUNetTrainer |")

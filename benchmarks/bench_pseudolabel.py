@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+from _common import machine, run_worker  # also puts tests/ (model_folders) on sys.path
 
 LABELED_ID = 811
 PLANS = "nnUNetLowFootprintPlans"
@@ -114,14 +111,14 @@ def main() -> None:
     info = setup(args.workdir, args.cases, args.folds, args.threads)
     results = []
     for mode in ("stock", "direct"):
-        done = subprocess.run([sys.executable, __file__, "--measure", mode, "--workdir", str(args.workdir),
-                               "--threads", str(args.threads)], capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{mode} run failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        try:
+            results.append(run_worker(__file__, ["--measure", mode, "--workdir", args.workdir,
+                                                 "--threads", args.threads]))
+        except RuntimeError as error:
+            sys.exit(f"{mode} run failed: {error}")
 
-    print(f"nsn pseudolabel on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} threads): {info['cases']} phantoms, {info['folds']} random-weight teacher folds, "
+    print(f"nsn pseudolabel on CPU ({machine()}; {args.threads} threads): {info['cases']} phantoms, "
+          f"{info['folds']} random-weight teacher folds, "
           f"tiny recipe (patch {info['patch']}, spacing {info['plans']})")
     print(f"{'path':8s} {'cases':>5s} {'pseudo-label s/case':>20s} {'final step s':>13s} {'total s/case':>13s}")
     for r in results:

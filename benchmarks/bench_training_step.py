@@ -13,12 +13,11 @@ emulated (slower); the trainers use it only where :func:`~noisy_student_nnunet.i
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
-from noisy_student_nnunet.inference.precision import cpu_native_bf16
+from _common import machine
 from noisy_student_nnunet.recipe import load_recipe
 
 
@@ -64,8 +63,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     network, patch = build_network(recipe)
     batch = torch.randn(recipe["network"]["batch_size"], 1, *patch)
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, native bf16: "
-          f"{cpu_native_bf16()[0]}; recipe {recipe['name']}: batch {batch.shape[0]} x {list(patch)}")
+    print(f"machine: {machine()}; recipe {recipe['name']}: batch {batch.shape[0]} x {list(patch)}")
     print(f"{'threads':>7} {'fp32 s/step':>12} {'bf16 s/step':>12} {'bf16 speed-up':>14}")
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -12,7 +12,6 @@ pseudo-labeled dataset changes no other test's plans.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
