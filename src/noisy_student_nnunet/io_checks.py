@@ -85,6 +85,15 @@ def check_channels_read(files: Sequence[str | Path], channels_read: int, num_cha
         raise CaseError(f"{files[0]}: image has {channels_read} channels, {expects} expects {num_channels}")
 
 
+def num_input_channels(dataset_json: dict, where: str | Path = "dataset.json") -> int:
+    """The number of input channels a model takes: the entries of its dataset.json's ``channel_names``
+    (``modality`` in datasets converted from nnU-Net v1). One rule for the predictor and ``nsn pseudolabel``."""
+    channels = dataset_json.get("channel_names", dataset_json.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        raise NsnError(f"{where}: no 'channel_names' (or v1 'modality') naming the input channels")
+    return len(channels)
+
+
 def reader_reason(error: BaseException) -> str:
     """The useful part of a reader's message: SimpleITK prefixes ITK's reason with its source location."""
     text = error_message(error)

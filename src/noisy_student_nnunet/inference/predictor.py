@@ -54,7 +54,7 @@ from noisy_student_nnunet.cpu_threads import available_cores
 from noisy_student_nnunet.inference.precision import Precision, choose_precision
 from noisy_student_nnunet.inference.preprocessing import preprocess_case
 from noisy_student_nnunet.io_checks import check_case_files, check_channels_read, group_case_files, \
-    name_unreadable_file
+    name_unreadable_file, num_input_channels
 
 FOLD_COMBINATIONS = ("logits", "softmax")
 
@@ -99,7 +99,7 @@ def iterate_preprocessed_cases(
     A case whose input fails the checks or the reader yields ``{'error': one line naming the file, 'ofile',
     'case'}`` instead, so that one bad case does not stop the others.
     """
-    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    num_channels = num_input_channels(dataset_json)
 
     def one(i: int) -> dict:
         try:
@@ -435,7 +435,7 @@ class LowFootprintPredictor(nnUNetPredictor):
         in (the problem cases are sharded like the good ones), not a traceback later."""
         if isinstance(list_of_lists_or_source_folder, str):
             folder, ending = list_of_lists_or_source_folder, self.dataset_json["file_ending"]
-            num_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+            num_channels = num_input_channels(self.dataset_json)
             cases = group_case_files(folder, ending, num_channels)
             for case in sorted(cases.problems)[part_id::num_parts]:
                 ofile = os.path.join(output_folder_or_list, case) if isinstance(output_folder_or_list, str) \

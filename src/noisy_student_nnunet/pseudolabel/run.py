@@ -26,7 +26,7 @@ from noisy_student_nnunet import validation
 from noisy_student_nnunet.errors import CaseError, NsnError
 from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.io_checks import (InputCases, check_case_files, check_channels_read, group_case_files,
-                                            name_unreadable_file)
+                                            name_unreadable_file, num_input_channels)
 from noisy_student_nnunet.pseudolabel import confidence as conf
 from noisy_student_nnunet.pseudolabel import dataset as ds
 
@@ -151,7 +151,7 @@ class Pseudolabeler:
         self.dataset = dataset
         self.ensemble = ensemble
         self.label_names = conf.label_names_from_dataset_json(ensemble.dataset_json)
-        self.num_channels = len(ensemble.dataset_json.get("channel_names", ensemble.dataset_json.get("modality")))
+        self.num_channels = num_input_channels(ensemble.dataset_json)
         # the pseudo dataset's dataset.json (labels + ignore): what the staged preprocessed data is made for
         self.pseudo_json = ds.pseudo_dataset_json(ensemble.dataset_json, {}, [], dataset.name,
                                                   settings.ignore_below is not None, "")
@@ -223,7 +223,7 @@ def _setup(settings: PseudolabelSettings, output: str | None, load_model: bool, 
     except ValueError as error:
         raise NsnError(f"{model_dir / 'dataset.json'}: {error}") from None
     file_ending = model_json["file_ending"]
-    num_channels = len(model_json.get("channel_names", model_json.get("modality")))
+    num_channels = num_input_channels(model_json, model_dir / "dataset.json")
     inputs = list_input_cases(settings.images_dir, file_ending, num_channels,
                               labeled_case_ids(settings.labeled_dataset, file_ending))
     dataset = ds.open_output_dataset(output, settings.manifest(file_ending))  # a taken id fails here, before loading
