@@ -22,6 +22,10 @@ stage's mean, and fine-tuned minus teacher fold 0, minus the teacher ensemble an
     python benchmarks/semi_supervised_experiment.py --setting shift --seeds 0 1 2 3 4 5 6 7 --work /tmp/exp
     python benchmarks/semi_supervised_experiment.py --setting shift --summarize
 
+``--ablations oracle teacher_augmentation pool96`` adds students that change one thing (true labels instead of
+pseudo-labels, the teachers' augmentation, 96 unlabeled phantoms; see ``student_ablations.py``), each with its
+fine-tune, as stages ``student_NAME`` and ``finetuned_NAME`` of the same seed's file.
+
 One seed takes about 15 minutes on 2 CPU cores with native bf16 (demo about 10, control about 5). Extra
 arguments after ``--`` go to ``nsn demo`` (``-- -u 48``: more unlabeled phantoms; ``-- --device cuda``).
 """
@@ -42,6 +46,7 @@ from pathlib import Path
 
 # a sibling script: running a script puts benchmarks/ on sys.path
 from recipe_ablation import apply_overrides, train_and_score_teacher
+from student_ablations import ABLATIONS, run_ablation
 
 from noisy_student_nnunet.demo import PHANTOM_SIZE, PLANS, RESULTS_JSON, demo_environment
 from noisy_student_nnunet.experiment_records import (case_scores, load_records, organ_means, per_cohort,
@@ -163,8 +168,9 @@ def fingerprint(setting: str, demo_args: list[str], control: bool) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_seed(setting: str, seed: int, work: Path, demo_args: list[str], control: bool, print_id: str) -> dict:
-    """Everything of one seed (resumes a half-done work folder); its result record."""
+def run_seed(setting: str, seed: int, work: Path, demo_args: list[str], control: bool, print_id: str,
+             ablations: list[str]) -> dict:
+    """Everything of one seed (resumes a half-done work folder), ``ablations`` included; its result record."""
     from noisy_student_nnunet.evaluation import evaluate_folders
 
     seed_work = (work / setting / f"seed{seed}").resolve()
@@ -182,6 +188,12 @@ def run_seed(setting: str, seed: int, work: Path, demo_args: list[str], control:
         started = time.monotonic()
         predictions["teacher_as_long"] = control_teacher(seed_work, results["device"])
         control_minutes = (time.monotonic() - started) / 60
+    truth = unlabeled_truth(seed_work)
+    ablation_minutes = {}
+    for name in ablations:
+        started = time.monotonic()
+        predictions.update(run_ablation(name, seed_work, truth, results["device"]))
+        ablation_minutes[name] = round((time.monotonic() - started) / 60, 2)
 
     dataset = labeled_dataset(seed_work)
     manifest = json.loads((dataset / "phantoms.json").read_text())
@@ -189,7 +201,7 @@ def run_seed(setting: str, seed: int, work: Path, demo_args: list[str], control:
     scores = {stage: case_scores(evaluate_folders(dataset / "labelsTs", folder, progress=False))
               for stage, folder in predictions.items()}
     pseudo_labels = next((seed_work / "nnUNet_raw").glob(f"Dataset{DEMO_DATASET_ID + 1:03d}_*")) / "labelsTr"
-    pseudo = case_scores(evaluate_folders(unlabeled_truth(seed_work), pseudo_labels, progress=False))
+    pseudo = case_scores(evaluate_folders(truth, pseudo_labels, progress=False))
     plans = json.loads((Path(demo_environment(seed_work)["nnUNet_preprocessed"]) / dataset.name
                         / f"{PLANS}.json").read_text())
     return {
@@ -197,7 +209,7 @@ def run_seed(setting: str, seed: int, work: Path, demo_args: list[str], control:
         "commit": commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),
         "demo_command": " ".join(["nsn", *cmd[1:]]), "device": results["device"],
         "minutes": {"demo": round(demo_minutes, 2), "control": None if control_minutes is None
-                    else round(control_minutes, 2)},
+                    else round(control_minutes, 2), **ablation_minutes},
         "demo_wall_time_s": results.get("wall_time_s"), "cohorts": manifest.get("cohorts"),
         "recipe": plans["noisy_student_recipe"],
         "stages": {stage: organ_means(case_scores_) for stage, case_scores_ in scores.items()},
@@ -220,6 +232,9 @@ def main() -> None:
                         help="only recompute the summary from the result files (every file of the setting)")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the teacher trained as many iterations as student + fine-tune")
+    parser.add_argument("--ablations", nargs="+", default=[], choices=sorted(ABLATIONS),
+                        help="students that change one thing (student_ablations.py); a seed whose file lacks them "
+                             "is run again (its work folder resumes)")
     parser.add_argument("demo_args", nargs=argparse.REMAINDER,
                         help="after --: arguments for nsn demo (not -w, --seed, --setting)")
     args = parser.parse_args()
@@ -230,10 +245,13 @@ def main() -> None:
     if not args.summarize:
         for seed in args.seeds:
             path = folder / f"seed{seed}.json"
-            if path.is_file() and json.loads(path.read_text()).get("fingerprint") == print_id:
+            done = json.loads(path.read_text()) if path.is_file() else {}
+            wanted = {f"{kind}_{name}" for name in args.ablations for kind in ("student", "finetuned")}
+            if done.get("fingerprint") == print_id and wanted <= set(done["stages"]):
                 print(f"{args.setting} seed {seed}: done ({path}), skipped", flush=True)
                 continue
-            write_record(path, run_seed(args.setting, seed, args.work, demo_args, args.control, print_id))
+            write_record(path, run_seed(args.setting, seed, args.work, demo_args, args.control, print_id,
+                                        args.ablations))
             print(f"{args.setting} seed {seed}: wrote {path}", flush=True)
 
     records = load_records(folder)

@@ -188,7 +188,8 @@ def format_table(scores: list[ModelScore]) -> str:
 
 def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_labeled: int = 8,
              num_unlabeled: int = 24, num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0,
-             student_folds: tuple[str, ...] | None = None, device: str = "cpu", setting: str = "iid") -> list[ModelScore]:
+             student_folds: tuple[str, ...] | None = None, device: str = "cpu",
+             setting: str = "iid") -> list[ModelScore]:
     """Make phantoms, run the pipeline, predict with every stage's model; print and write the results.
 
     ``folds`` are the teacher folds (two at least, for the ensemble); ``student_folds`` default to them.
@@ -258,8 +259,8 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_l
     slices = plot_test_case(dataset, scores, work / SLICES_PNG)
     elapsed = time.monotonic() - started
     atomic_write_text(work / RESULTS_JSON, json.dumps(results_document(
-        scores, seed=seed, setting=setting, device=device, recipe=recipe, num_labeled=num_labeled, num_unlabeled=num_unlabeled,
-        num_test=num_test, teacher_folds=list(folds), student_folds=list(student_folds),
+        scores, seed=seed, setting=setting, device=device, recipe=recipe, num_labeled=num_labeled,
+        num_unlabeled=num_unlabeled, num_test=num_test, teacher_folds=list(folds), student_folds=list(student_folds),
         wall_time_s=round(elapsed, 1)), indent=2) + "\n")
     print(table)
     print(f"\n{elapsed / 60:.1f} min (this run). table: {work / 'demo_table.txt'}; results: {work / RESULTS_JSON}"

@@ -126,7 +126,10 @@ def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
     stages = [s for s in (*STAGES, *sorted({s for r in records for s in r["stages"]} - set(STAGES)))
               if any(s in r["stages"] for r in records)]
     comparisons = [c for c in COMPARISONS if c[0] in stages and c[1] in stages]
-    comparisons += [(s, "teacher_as_long") for s in stages if s not in STAGES and "teacher_as_long" in stages]
+    for ablation in (s for s in stages if s not in STAGES):  # student_NAME, finetuned_NAME: against the demo's own
+        kind = ablation.split("_")[0]
+        comparisons += [(ablation, b) for b in (kind, "teacher_as_long") if b in stages and (b == kind or
+                                                                                          kind == "finetuned")]
     lines = [f"setting {setting}: {len(records)} seeds ({', '.join(map(str, seeds))}); {metric} in points, mean over "
              f"the 13 organs and each seed's test cases; intervals: 95 % Student t over seeds, paired by seed", ""]
     lines.append(f"{'stage':<22}{'mean':>8}{'sd':>7}   per seed")

@@ -79,7 +79,7 @@ class Cohort:
 
     name: str
     description: str
-    phase_weights: dict[str, float] | None = None  # None: the anatomy's own draw (20 % native, 30 % arterial, 50 % portal)
+    phase_weights: dict[str, float] | None = None  # None: the anatomy's draw (20/30/50 % native/arterial/portal)
     slice_spacing: tuple[float, float] | None = None  # None: the dataset's range
     lesions: tuple[LesionRule, ...] = ()
     organ_changes: tuple[tuple[str, float, tuple[float, float]], ...] = ()  # (organ, p, factor range)
