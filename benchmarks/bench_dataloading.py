@@ -43,7 +43,7 @@ def prepare(workdir: Path, recipe_name: str, num_processes: int) -> tuple[str, s
     """Phantoms, low-footprint plans and the pseudo-labeled stand-in, made once under ``workdir``."""
     from noisy_student_nnunet.phantoms import write_phantom_dataset
     from noisy_student_nnunet.plans import plan_dataset
-    from noisy_student_nnunet.pseudo_dataset import preprocess_with_plans
+    from noisy_student_nnunet.plans_transfer import preprocess_with_plans
     from noisy_student_nnunet.recipe import load_recipe
 
     raw, pre = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])

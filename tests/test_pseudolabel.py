@@ -279,7 +279,7 @@ def test_direct_path_equals_stock_preprocessing(world, reference):
 def test_output_is_an_nnunet_dataset_recorded_for_the_student(world, reference):
     import SimpleITK as sitk
 
-    from noisy_student_nnunet.pseudo_dataset import locate_pseudo_dataset
+    from noisy_student_nnunet.trainers.pseudo_source import locate_pseudo_dataset
     from noisy_student_nnunet.recipe import PLANS_KEY
 
     raw = world["raw"] / "Dataset300_Reference"
@@ -395,7 +395,7 @@ def test_ignore_below_marks_low_confidence_voxels(world):
     assert float(row["frac_ignored"]) == pytest.approx(float(row["frac_low_confidence"]))
     assert any(isinstance(k, tuple) and k[0] == -1 for k in properties["class_locations"])  # nnU-Net's ignore sampling
     # the student's lookup accepts a pseudo-labeled dataset whose only extra label is "ignore"
-    from noisy_student_nnunet.pseudo_dataset import locate_pseudo_dataset
+    from noisy_student_nnunet.trainers.pseudo_source import locate_pseudo_dataset
     from noisy_student_nnunet.recipe import PLANS_KEY
 
     plans = json.loads((world["pre"] / LABELED / f"{PLANS}.json").read_text())

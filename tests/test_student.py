@@ -283,7 +283,7 @@ def _recipe(pseudo_dataset):
 
 
 def _locate(recipe):
-    from noisy_student_nnunet.pseudo_dataset import locate_pseudo_dataset
+    from noisy_student_nnunet.trainers.pseudo_source import locate_pseudo_dataset
 
     return locate_pseudo_dataset(_plans("Dataset901_Lab"), "3d_fullres", DATASET_JSON, recipe)
 
@@ -394,7 +394,7 @@ def ensure_pseudo_phantoms(nnunet_env: dict, lowfootprint_plans: Path) -> str:
     labeled = lowfootprint_plans.parent.name
     code = (
         "from noisy_student_nnunet.phantoms import write_phantom_dataset\n"
-        "from noisy_student_nnunet.pseudo_dataset import preprocess_with_plans\n"
+        "from noisy_student_nnunet.plans_transfer import preprocess_with_plans\n"
         "import os\n"
         "if __name__ == '__main__':\n"
         f"    write_phantom_dataset(os.environ['nnUNet_raw'], {PSEUDO_ID}, name='Phantoms', num_labeled=6,\n"

@@ -363,7 +363,7 @@ def _finalize_locked(settings: PseudolabelSettings, dataset: ds.OutputDataset, i
         data_identifier = PlansManager(plans).get_configuration(settings.configuration).data_identifier
         _assemble_direct(dataset, plans, student_plans, data_identifier, kept, dataset_json)
     else:
-        from noisy_student_nnunet.pseudo_dataset import preprocess_with_plans
+        from noisy_student_nnunet.plans_transfer import preprocess_with_plans
 
         preprocess_with_plans(settings.labeled_dataset, dataset.name, student_plans,
                               configurations=(settings.configuration,), num_processes=num_processes)

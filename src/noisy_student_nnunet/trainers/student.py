@@ -8,7 +8,7 @@ Only :meth:`get_dataloaders` changes (stock hard-codes one ``nnUNetDataLoader``)
 :class:`~noisy_student_nnunet.data.MixedBatchLoader` over both datasets, wrapped by stock's augmenters.
 Batch layout, multi-GPU split and foreground oversampling are the pure functions of
 :mod:`noisy_student_nnunet.data`; locating and checking the pseudo-labeled dataset is
-:mod:`noisy_student_nnunet.pseudo_dataset`.
+:mod:`noisy_student_nnunet.trainers.pseudo_source`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from noisy_student_nnunet.data import RankComposition, build_mixed_loader, rank_composition
-from noisy_student_nnunet.pseudo_dataset import PseudoDataset, locate_pseudo_dataset
+from noisy_student_nnunet.trainers.pseudo_source import PseudoDataset, locate_pseudo_dataset
 from noisy_student_nnunet.trainers.base import RecipeTrainer
 
 
