@@ -8,11 +8,13 @@ name. ``NSN_DEBUG=1`` adds the traceback, for bug reports.
 
 Exit status of every command: 0 success; 1 some cases of a multi-case command failed (each named,
 the others finished); 2 a usage error or bad input that stopped the command before its work;
-130 interrupted.
+3 a fault of the machine stopped it (disk full, a written file that did not verify): what was complete
+stays, free space and rerun the same command to resume; 130 interrupted.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -21,11 +23,14 @@ from typing import Callable
 DEBUG_ENV = "NSN_DEBUG"
 EXIT_FAILED_CASES = 1
 EXIT_USAGE = 2
+EXIT_MACHINE_FAULT = 3
 EXIT_INTERRUPTED = 130
 
 
 class NsnError(Exception):
     """A user-facing error: bad input, missing file, invalid option. The message is one line."""
+
+    exit_code = EXIT_USAGE  #: subclasses for faults of the machine exit with EXIT_MACHINE_FAULT
 
 
 class CaseError(NsnError):
@@ -61,9 +66,10 @@ def run_guarded(prog: str, func: Callable[[], int | None]) -> int:
     try:
         return int(func() or 0)
     except NsnError as error:
-        return _fail(prog, error_message(error), EXIT_USAGE)
+        return _fail(prog, error_message(error), error.exit_code)
     except OSError as error:
-        return _fail(prog, _os_error_message(error), EXIT_USAGE)
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        return _fail(prog, _os_error_message(error), EXIT_MACHINE_FAULT if full else EXIT_USAGE)
     except MemoryError:
         return _fail(prog, "out of memory (see the command's help for size options)", EXIT_USAGE)
     except KeyboardInterrupt:

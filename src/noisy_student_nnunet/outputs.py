@@ -68,36 +68,38 @@ def check_output_folder(path: str | os.PathLike, option: str) -> Path:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary name next to ``path``; when the block succeeds, give it the umask's mode and rename
-    it to ``path`` (readers never see half a file); when it fails, remove it."""
+def atomic_file(path: str | os.PathLike, size: int | None = None) -> Iterator[str]:
+    """Yield a temporary name next to ``path``; when the block succeeds, check the file (synced, whole for its
+    type, ``size`` bytes if given: :func:`~noisy_student_nnunet.written.check_file`), give it the umask's mode and
+    rename it to ``path`` (readers never see half a file); when either fails, remove it. A full disk raises
+    :class:`~noisy_student_nnunet.written.WriteFailed` naming ``path``."""
+    from noisy_student_nnunet.written import check_file, discard, writing
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
+        check_file(tmp, path, size)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        discard(tmp)
         raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """``data`` to ``path`` whole (on disk before the rename) or not at all."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+    """``data`` to ``path`` whole (on disk and its size checked before the rename) or not at all."""
+    with atomic_file(path, size=len(data)) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """``text`` to ``path`` whole (on disk before the rename) or not at all."""
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """``text`` (UTF-8, line ends as given) to ``path`` whole or not at all."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def publish_dir(path: str | os.PathLike) -> None:

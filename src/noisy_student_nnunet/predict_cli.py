@@ -28,6 +28,7 @@ import sys
 from noisy_student_nnunet import validation
 from noisy_student_nnunet.errors import EXIT_FAILED_CASES, NsnError, run_guarded
 from noisy_student_nnunet.outputs import atomic_write_text, check_output_folder
+from noisy_student_nnunet.written import WriteFailed
 
 PROG = "nnUNetv2_predict_lowfootprint"
 
@@ -224,6 +225,15 @@ def run(args: argparse.Namespace) -> int:
             num_parts=args.num_parts,
             part_id=args.part_id,
         )
+    except WriteFailed as error:  # disk full: the next cases would fail alike; stop, --continue_prediction resumes
+        ending = predictor.dataset_json["file_ending"]
+        case = error.path.name[:-len(ending)] if error.path.name.endswith(ending) else error.path.stem
+        try:
+            _record_failures(args, {**predictor.failed_cases, case: error.cause + "; free space and rerun with "
+                                    "--continue_prediction"})
+        except (WriteFailed, OSError):
+            pass  # the list is a courtesy; the error line below names the file either way
+        raise
     except FailedCases as failed:
         listed = _record_failures(args, failed.failures)
         print(f"{PROG}: {len(failed.failures)} case(s) failed and were skipped (no output written for them; "

@@ -168,16 +168,22 @@ def labels_in_original_geometry(
 
 @contextmanager
 def atomic_outputs(output_file_truncated: str, suffixes: Sequence[str]) -> Iterator[str]:
-    """Yield a hidden temporary truncated name; on success rename ``tmp + s`` to ``final + s`` for each suffix
-    that was written, on failure delete them. Readers (and ``--continue_prediction``) never see half a file."""
+    """Yield a hidden temporary truncated name; on success check each ``tmp + s`` that was written (synced, whole:
+    :mod:`noisy_student_nnunet.written`) and rename it to ``final + s``; on failure delete them. Readers (and
+    ``--continue_prediction``) never see half a file; a full disk raises ``WriteFailed`` naming the file."""
+    from noisy_student_nnunet.written import check_file, discard, writing
+
     folder, base = os.path.split(output_file_truncated)
     tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}")
     try:
-        yield tmp
+        with writing(output_file_truncated + suffixes[-1]):
+            yield tmp
+        for s in suffixes:  # SimpleITK returns without an error on a full disk: check before any rename
+            if os.path.exists(tmp + s):
+                check_file(tmp + s, output_file_truncated + s)
     except BaseException:
         for s in suffixes:
-            if os.path.exists(tmp + s):
-                os.remove(tmp + s)
+            discard(tmp + s)
         raise
     for s in suffixes:
         if os.path.exists(tmp + s):

@@ -171,6 +171,24 @@ class LowFootprintPredictor(nnUNetPredictor):
         self.precision: Precision = choose_precision(precision, self.device)
         print(f"LowFootprintPredictor: {self.precision.describe()}", flush=True)
 
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        """Stock's, but a damaged or incompatible model file (truncated or foreign checkpoint, weights that do not
+        fit the network ``plans.json`` builds, for any fold) is an NsnError naming the file
+        (:mod:`noisy_student_nnunet.model_files`), not a torch traceback or a failure after the first case."""
+        from noisy_student_nnunet import model_files
+
+        try:
+            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+        except NsnError:
+            raise
+        except Exception as error:
+            raise model_files.diagnose(model_training_output_dir, use_folds, checkpoint_name, error) from None
+        folds = use_folds if use_folds is not None else \
+            self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        model_files.check_folds_fit(self.network, self.list_of_parameters, model_training_output_dir,
+                                    [folds] if isinstance(folds, str) else folds, checkpoint_name)
+
     # ------------------------------------------------------------------ prediction of logits
     def _keep_on_device(self) -> bool:
         return self.device.type == "cuda" and self.perform_everything_on_device

@@ -20,7 +20,8 @@
 #   -R N             rounds of pseudo-labeling (default 1; N > 1: the fine-tuned student becomes the next teacher)
 #   -p PLANS         plans name (default nnUNetLowFootprintPlans)
 #
-# Every step skips when its outputs are complete, so a rerun resumes. Each step logs to
+# Every step skips when its outputs are complete, so a rerun resumes, also after a kill (training goes on from
+# nnU-Net's checkpoint_latest.pth, pseudo-labels and predictions skip finished cases). Each step logs to
 # WORK/logs/<step>.log; the first failure stops the run and names the step and its log.
 #
 # Pseudo-labeling thousands of scans on a SLURM cluster: run the parts as an array job, then finalize once:
@@ -59,7 +60,15 @@ DATASET_NAME=$("$PYTHON" -c "
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name as m; print(m('$DATASET'))") \
   || { echo "run_pipeline.sh: dataset $DATASET not found in \$nnUNet_raw or \$nnUNet_preprocessed" >&2; exit 2; }
 WORK="${WORK:-$nnUNet_results/noisy_student_pipeline/$DATASET_NAME}"
-LOGS="$WORK/logs"; mkdir -p "$LOGS"
+LOGS="$WORK/logs"; mkdir -p "$LOGS" "$nnUNet_preprocessed/$DATASET_NAME"
+# One pipeline per work folder and per dataset + plans name: a second one is refused with one line naming the run
+# that holds them (pid, host). The locks belong to descriptors 8 and 9 of this shell and of every step it starts;
+# they vanish when all of those end, even by SIGKILL, so a rerun after a kill is never blocked by a stale lock.
+exec 8<>"$WORK/.nsn.lock"
+"$PYTHON" -m noisy_student_nnunet.locks 8 "$WORK/.nsn.lock" $$ "run_pipeline.sh -w $WORK" || exit 2
+exec 9<>"$nnUNet_preprocessed/$DATASET_NAME/.nsn_pipeline_$PLANS.lock"
+"$PYTHON" -m noisy_student_nnunet.locks 9 "$nnUNet_preprocessed/$DATASET_NAME/.nsn_pipeline_$PLANS.lock" $$ \
+  "run_pipeline.sh -d $DATASET -p $PLANS" || exit 2
 read -r -a GPU_LIST <<< "${GPUS:-}"
 CPU_THREADS_PER_JOB=$(( $("$PYTHON" -c 'from noisy_student_nnunet.cpu_threads import cpu_thread_count as c; print(c())') / JOBS ))
 [ "$CPU_THREADS_PER_JOB" -ge 1 ] || CPU_THREADS_PER_JOB=1
@@ -87,8 +96,8 @@ train_folds() {
   local trainer="$1" fold i=0 pids=()
   shift
   for fold in "$@"; do
-    if [ -f "$(results_dir "$trainer")/fold_$fold/checkpoint_final.pth" ]; then skip "train_${trainer}_fold$fold"; continue; fi
-    local cont=""; [ -f "$(results_dir "$trainer")/fold_$fold/checkpoint_latest.pth" ] && cont="--c"
+    if [ -f "$(results_dir "$trainer")/fold_$fold/validation/summary.json" ]; then skip "train_${trainer}_fold$fold"; continue; fi
+    local cont; cont=$(resume_option "$(results_dir "$trainer")/fold_$fold")
     if [ ${#GPU_LIST[@]} -gt 0 ]; then
       CUDA_VISIBLE_DEVICES="${GPU_LIST[$((i % ${#GPU_LIST[@]}))]}" step "train_${trainer}_fold$fold" \
         nnUNetv2_train "$DATASET" "$CONFIG" "$fold" -tr "$trainer" -p "$STUDENT_PLANS" -device "$DEVICE" $cont &
@@ -104,6 +113,13 @@ train_folds() {
     fi
   done
   [ ${#pids[@]} -eq 0 ] || wait_all "${pids[@]}"
+}
+
+# resume_option FOLD_FOLDER: how nnUNetv2_train goes on after a kill. Trained but not validated: --val (validation
+# only); a checkpoint_latest.pth: --c (nnU-Net resumes at the epoch after it); nothing: a fresh start.
+resume_option() {
+  if [ -f "$1/checkpoint_final.pth" ]; then echo "--val"
+  elif [ -f "$1/checkpoint_latest.pth" ]; then echo "--c"; fi
 }
 
 # wait_all PID...: wait for every background step; exit 1 if any failed (each failing step named itself)
@@ -164,11 +180,11 @@ PY
   train_folds NoisyStudentTrainer "${STUDENT_FOLD_LIST[@]}"
   BEST=$(best_fold NoisyStudentTrainer)
   echo "round $round: best student fold by cross-validation: $BEST" | tee -a "$LOGS/pipeline.log"
-  if [ -f "$(results_dir NoisyStudentFinetuneTrainer)/fold_$BEST/checkpoint_final.pth" ]; then skip "finetune_round${round}_fold$BEST"
+  if [ -f "$(results_dir NoisyStudentFinetuneTrainer)/fold_$BEST/validation/summary.json" ]; then skip "finetune_round${round}_fold$BEST"
   else
     NSN_FINETUNE_FROM="$(results_dir NoisyStudentTrainer)/fold_$BEST/checkpoint_final.pth" \
       step "finetune_round${round}_fold$BEST" nnUNetv2_train "$DATASET" "$CONFIG" "$BEST" -tr NoisyStudentFinetuneTrainer \
-      -p "$STUDENT_PLANS" -device "$DEVICE"
+      -p "$STUDENT_PLANS" -device "$DEVICE" $(resume_option "$(results_dir NoisyStudentFinetuneTrainer)/fold_$BEST")
   fi
   TEACHER=NoisyStudentFinetuneTrainer TEACHER_PLANS="$STUDENT_PLANS" TEACHER_FOLDS=("$BEST")
 done

@@ -35,6 +35,7 @@ import numpy as np
 
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.outputs import atomic_write_text, publish_dir
+from noisy_student_nnunet.written import check_file, writing
 
 MANIFEST = "pseudolabel.json"
 CASES_DIR = "pseudolabel_cases"
@@ -131,7 +132,9 @@ class OutputDataset:
 
     @property
     def tmp_dir(self) -> Path:
-        return self.raw_dir / TMP_DIR
+        # beside the staged preprocessed data, which is renamed out of it: nnUNet_raw and nnUNet_preprocessed
+        # may be different file systems, and a rename cannot cross them
+        return self.preprocessed_dir / TMP_DIR
 
     @property
     def csv_file(self) -> Path:
@@ -181,7 +184,7 @@ class OutputDataset:
         return out
 
     def new_tmp_dir(self) -> Path:
-        """A private scratch folder on the dataset's file system (renames out of it are atomic)."""
+        """A private scratch folder on the staged data's file system (renames out of it are atomic)."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}_", dir=self.tmp_dir))
 
@@ -363,10 +366,13 @@ def stage_preprocessed_case(dataset: OutputDataset, case: str, data: np.ndarray,
     patch = tuple(configuration_manager.patch_size)
     blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
-    nnUNetDatasetBlosc2.save_case(data, seg, properties, str(scratch / case), chunks=chunks, blocks=blocks,
-                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
     staging = dataset.staging_dir(configuration_manager.data_identifier)
     staging.mkdir(parents=True, exist_ok=True)
+    with writing(staging / f"{case}.b2nd"):  # blosc2 says only "Error while creating the NDArray" on a full disk
+        nnUNetDatasetBlosc2.save_case(data, seg, properties, str(scratch / case), chunks=chunks, blocks=blocks,
+                                      chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+    for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
+        check_file(scratch / f"{case}{suffix}", staging / f"{case}{suffix}")
     for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
         os.replace(scratch / f"{case}{suffix}", staging / f"{case}{suffix}")
 

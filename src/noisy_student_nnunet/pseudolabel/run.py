@@ -24,7 +24,9 @@ import numpy as np
 
 from noisy_student_nnunet import validation
 from noisy_student_nnunet.errors import CaseError, NsnError
+from noisy_student_nnunet.locks import folder_lock
 from noisy_student_nnunet.outputs import atomic_write_text
+from noisy_student_nnunet.written import WriteFailed
 from noisy_student_nnunet.io_checks import (InputCases, check_case_files, check_channels_read, group_case_files,
                                             name_unreadable_file, num_input_channels)
 from noisy_student_nnunet.pseudolabel import confidence as conf
@@ -239,12 +241,22 @@ def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts
              device: str = "cpu", progress: bool = True, keep_top: float | None = None,
              min_confidence: float | None = None, auto_finalize: bool = True, num_processes: int = 2) -> PartResult:
     """Pseudo-label this part's cases (skipping finished ones); finalize when every case of every part is done."""
-    from tqdm import tqdm
-
     validation.parts(num_parts, part_id, "--num-parts", "--part-id")
     check_filter(keep_top, min_confidence)  # the filter applies at the end: refuse it before hours of work
     validation.at_least(num_processes, "-np", 1, "processes for --stock-preprocessing")
     settings, dataset, ensemble, inputs, _, _ = _setup(settings, output, True, device, progress)
+    # one process per part: a second run of the same part is refused (naming the first); other parts go on
+    with folder_lock(dataset.raw_dir, f"nsn pseudolabel part {part_id}/{num_parts}",
+                     f".nsn_pseudolabel_part{part_id}of{num_parts}.lock"):
+        return _label_part(settings, dataset, ensemble, inputs, num_parts, part_id, progress, keep_top,
+                           min_confidence, auto_finalize, num_processes)
+
+
+def _label_part(settings: PseudolabelSettings, dataset: ds.OutputDataset, ensemble, inputs: InputCases,
+                num_parts: int, part_id: int, progress: bool, keep_top: float | None, min_confidence: float | None,
+                auto_finalize: bool, num_processes: int) -> PartResult:
+    from tqdm import tqdm
+
     pseudolabeler = Pseudolabeler(settings, dataset, ensemble)
     result = PartResult(dataset=dataset.name)
     cases = inputs.part(num_parts, part_id)
@@ -260,6 +272,9 @@ def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts
                 pseudolabeler.process(case, inputs.files[case])
                 result.done.append(case)
                 continue
+            except WriteFailed as error:  # disk full: the next cases would fail alike; stop, a rerun resumes
+                _mark_failed_if_possible(dataset, case, str(error))
+                raise
             except CaseError as error:
                 message = str(error)
             except (RuntimeError, ValueError, OSError, AssertionError) as error:
@@ -274,6 +289,14 @@ def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts
                                         min_confidence=min_confidence, num_processes=num_processes,
                                         _opened=(dataset, inputs), wait_for_lock=False)
     return result
+
+
+def _mark_failed_if_possible(dataset: ds.OutputDataset, case: str, message: str) -> None:
+    """Record why ``case`` failed, if the disk still takes the small marker (a rerun retries the case anyway)."""
+    try:
+        dataset.mark_failed(case, message)
+    except (WriteFailed, OSError):
+        pass
 
 
 def write_csv(path: Path, records: dict[str, dict[str, Any]], kept: set[str], label_names: dict[int, str]) -> None:
