@@ -225,7 +225,7 @@ def test_geometry_mismatch_is_an_error_naming_the_case(tmp_path, capsys, change,
          spacing=change.get("spacing", SPACING), origin=change.get("origin", (-10.0, 20.0, 5.0)))
     with pytest.raises(NsnError, match=rf"case_bad\.nii\.gz.*{word}"):
         evaluate_folders(gt_dir, pred_dir, progress=False)
-    # the command names the case, scores the others and exits 1 (README "Errors and bad input")
+    # the command names the case, scores the others and exits 1 (docs/errors.md)
     out = tmp_path / "results.csv"
     assert main(["evaluate", str(gt_dir), str(pred_dir), "-o", str(out), "-np", "1"]) == 1
     err = capsys.readouterr().err
