@@ -20,6 +20,8 @@ import json
 import subprocess
 import sys
 
+from _common import machine
+
 FLARE22_PATCH = (40, 224, 192)
 FLARE22_SPACING = (2.5, 0.8027, 0.8027)
 FLARE22_CLASSES = 14  # background + 13 organs
@@ -103,6 +105,7 @@ def main() -> int:
           f"batch 1, one forward pass, torch.no_grad, {args.device} "
           f"({'fp16 autocast' if args.device == 'cuda' else f'fp32, {args.threads} threads'})")
     print(f"strides {stock['strides']}")
+    print(f"machine: {machine()}")
     print()
     if args.device == "cuda":
         print(f"GPU: {stock.get('gpu_name')}")
