@@ -145,6 +145,26 @@ class RecipeTrainer(nnUNetTrainer):
         finally:
             self.inference_allowed_mirroring_axes = axes
 
+    def save_checkpoint(self, filename: str) -> None:
+        """Stock's, written under a temporary name, checked (a zip archive whose directory is whole) and renamed.
+
+        Stock ``torch.save`` writes the final name directly: a kill during the save leaves a truncated
+        ``checkpoint_latest.pth`` that ``--c`` then fails on, or a ``checkpoint_final.pth`` that a rerun of the
+        pipeline takes for a finished fold; a full disk gives torch's "unexpected pos" instead of the cause.
+        """
+        from noisy_student_nnunet.written import check_file, discard, writing
+
+        tmp = f"{filename}.partial-{os.getpid()}"
+        try:
+            with writing(filename):
+                super().save_checkpoint(tmp)
+            if os.path.exists(tmp):  # not on other ranks, nor with checkpointing disabled
+                check_file(tmp, filename)
+                os.replace(tmp, filename)
+        except BaseException:
+            discard(tmp)
+            raise
+
     def _throttle_progress_plot(self) -> None:
         """Draw progress.png when a checkpoint is saved and at the end, not after every epoch.
 
