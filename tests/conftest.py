@@ -25,6 +25,7 @@ STUDENT_PSEUDO_ID = 912  # test_student: a second "Phantoms" dataset, case ident
 STUDENT_IGNORE_ID = 913  # test_student: the pseudo dataset with an "ignore" label
 PIPELINE_PSEUDO_ID = 914  # test_pipeline: run_pipeline.sh's pseudo-labeled dataset
 OVERRIDE_PSEUDO_ID = 915  # test_recipe_override: `nsn pseudolabel` of the session teacher, own plans name
+PIPELINE_KILLED_PSEUDO_ID = 916  # test_pipeline: the pipeline killed at every stage and rerun
 PHANTOM_NAME = "Phantoms"
 LOWFOOTPRINT_PLANS = "nnUNetLowFootprintPlans"
 # Variables of ours or nnU-Net's that a developer's shell may set and that would leak into tests.

@@ -1,7 +1,8 @@
 """Faults of the machine never leave a wrong file that looks right (issue 22; docs/errors.md "Machine faults").
 
-A full disk (a small tmpfs), damaged or incompatible model files, and two runs on one folder, each run with the
-real console scripts on real NIfTI files. The model is a hand-built random-weight model folder
+A full disk (a small tmpfs), damaged or incompatible model files, and two runs on one folder, run with the real
+console scripts on real NIfTI files (the variants of a damaged model also through the predictor class in this
+process: one subprocess shows the one-line error, the others save its 5 s start-up each). The model is a hand-built random-weight model folder
 (tests/model_folders.py, no training): these faults are about files, not about what the network predicts.
 The kill-and-rerun test of the whole chain is in test_pipeline.py (it reuses that module's pipeline run).
 """
@@ -110,7 +111,11 @@ def world(tmp_path_factory) -> dict:
     shutil.copy(phantom, inputs / "c_small_0000.nii.gz")
     noise = np.random.default_rng(0).normal(0, 300, (160, 160, 48)).astype(np.float32)
     nib.save(nib.Nifti1Image(noise, nib.load(phantom).affine), inputs / "b_big_0000.nii.gz")
-    return {"root": root, "env": env, "raw": raw, "pre": pre, "res": res, "inputs": inputs, "phantom": phantom}
+    small = root / "small_inputs"  # where the size of a case does not matter: quicker
+    small.mkdir()
+    shutil.copy(phantom, small / "a_small_0000.nii.gz")
+    return {"root": root, "env": env, "raw": raw, "pre": pre, "res": res, "inputs": inputs, "small": small,
+            "phantom": phantom}
 
 
 def predict(world, output: Path, plans: str = "nnUNetPlans", *extra, env: dict | None = None,
@@ -120,8 +125,9 @@ def predict(world, output: Path, plans: str = "nnUNetPlans", *extra, env: dict |
                 "-nps", "0", *extra], {**world["env"], **(env or {})})
 
 
-def pseudolabel(world, output: str, *extra, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run(["nsn", "pseudolabel", "-d", DATASET_ID, "-i", world["inputs"], "-o", output, "-f", "0",
+def pseudolabel(world, output: str, *extra, env: dict | None = None,
+                inputs: Path | None = None) -> subprocess.CompletedProcess:
+    return run(["nsn", "pseudolabel", "-d", DATASET_ID, "-i", inputs or world["inputs"], "-o", output, "-f", "0",
                 "-tr", "nnUNetTrainer", "-p", "nnUNetPlans", "-device", "cpu", "--disable_progress_bar", *extra],
                {**world["env"], **(env or {})})
 
@@ -245,15 +251,33 @@ def _damage(world, kind: str) -> tuple[str, Path, str]:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "foreign", "text", "plans", "second_fold"])
-def test_damaged_or_incompatible_model_files_are_one_line_errors(world, tmp_path, kind):
-    trainer, named, fragment = _damage(world, kind)
-    folds = ["0", "1"] if kind == "second_fold" else ["0"]
-    done = run(["nnUNetv2_predict_lowfootprint", "-i", world["inputs"], "-o", tmp_path / "out", "-d", DATASET_ID,
-                "-tr", trainer, "-c", "3d_fullres", "-f", *folds, "-device", "cpu", "--disable_progress_bar"],
+def test_truncated_checkpoint_is_a_one_line_error_naming_it(world, tmp_path):
+    """The issue's finding: a checkpoint cut short gave a 25-line torch traceback."""
+    trainer, named, fragment = _damage(world, "truncated")
+    done = run(["nnUNetv2_predict_lowfootprint", "-i", world["small"], "-o", tmp_path / "out", "-d", DATASET_ID,
+                "-tr", trainer, "-c", "3d_fullres", "-f", "0", "-device", "cpu", "--disable_progress_bar"],
                world["env"])
     error_line(done, 2, str(named), fragment)
     assert not list((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.parametrize("kind", ["foreign", "text", "plans", "second_fold"])
+def test_damaged_or_incompatible_model_files_name_the_file(world, kind):
+    """The predictor's loading (also the teacher ensemble's), in this process: NsnError naming the file, which the
+    console scripts print as one line with exit status 2 (as the truncated case above shows)."""
+    import torch
+
+    from noisy_student_nnunet.errors import NsnError
+    from noisy_student_nnunet.inference import LowFootprintPredictor
+
+    trainer, named, fragment = _damage(world, kind)
+    predictor = LowFootprintPredictor(device=torch.device("cpu"), precision="fp32", allow_tqdm=False)
+    folds = (0, 1) if kind == "second_fold" else (0,)
+    with pytest.raises(NsnError) as raised:
+        predictor.initialize_from_trained_model_folder(
+            str(world["res"] / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"), folds)
+    message = str(raised.value)
+    assert "\n" not in message and str(named) in message and fragment in message, message
 
 
 def test_missing_fold_and_damaged_teacher_checkpoint_in_pseudolabel(world):
@@ -280,23 +304,23 @@ def _hold_lock(folder: Path, name: str) -> subprocess.Popen:
 
 
 def test_second_pseudolabel_run_of_a_part_is_refused_and_a_killed_holder_leaves_no_block(world):
-    name = "Dataset255_Locked"
-    done = pseudolabel(world, name)
+    name, small = "Dataset255_Locked", world["small"]
+    done = pseudolabel(world, name, inputs=small)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = world["raw"] / name
     holder = _hold_lock(folder, ".nsn_pseudolabel_part0of1.lock")
     try:
-        done = pseudolabel(world, name)
+        done = pseudolabel(world, name, inputs=small)
         error_line(done, 2, f"pid {holder.pid} on {socket.gethostname()}", "a test holder", str(folder))
         # another part is not blocked by part 0's lock
-        assert pseudolabel(world, name, "--num-parts", "2", "--part-id", "1").returncode == 0
+        assert pseudolabel(world, name, "--num-parts", "2", "--part-id", "1", inputs=small).returncode == 0
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # the holder died by SIGKILL: its lock file (with its pid) stays, and does not block the rerun
     assert str(holder.pid) in (folder / ".nsn_pseudolabel_part0of1.lock").read_text()
-    done = pseudolabel(world, name)
-    assert done.returncode == 0 and "3 already done" in done.stdout, done.stderr[-3000:]
+    done = pseudolabel(world, name, inputs=small)
+    assert done.returncode == 0 and "1 already done" in done.stdout, done.stderr[-3000:]
 
 
 def test_second_pipeline_on_one_work_folder_is_refused_naming_the_holder(world, tmp_path):

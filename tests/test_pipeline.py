@@ -2,8 +2,9 @@
 
 One run of the real script (stock ``nnUNetv2_train``, ``nsn pseudolabel``, ``nnUNetv2_predict_lowfootprint``,
 ``nsn profile``, ``nsn evaluate`` in subprocesses), then every stage's outputs are checked; a rerun skips every
-finished step; a failing step stops the run and names itself. The run uses plans of its own name so that it
-leaves the session's shared plans alone.
+finished step; a failing step stops the run and names itself; a second run killed with SIGKILL in every stage and
+rerun each time finishes like the uninterrupted one. The runs use plans of their own names so that they leave the
+session's shared plans alone.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import PHANTOM_NAME, PIPELINE_PSEUDO_ID, subprocess_env
+from conftest import PHANTOM_NAME, PIPELINE_KILLED_PSEUDO_ID, PIPELINE_PSEUDO_ID, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_pipeline.sh"
@@ -164,3 +169,109 @@ def test_bad_arguments_are_one_line_errors(nnunet_env, tmp_path):
     done = _run(["-d", "911", "-u", str(tmp_path), "-j", "0"], env, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "-j must be a positive integer" in done.stderr
+
+
+# --- SIGKILL at a random point of every stage, rerun with the same command (issue 22, item 3) ----------------
+
+KILLED_PLANS = "nnUNetLowFootprintPlansKilled"
+KILLED_PSEUDO = f"Dataset{PIPELINE_KILLED_PSEUDO_ID:03d}_KilledPseudo"
+# pipeline.log names of the stages, in order; one fold each for teacher and student keeps the run short
+KILL_STAGES = ("plan", "train_NoisyStudentTeacherTrainer_fold0", "pseudolabel_round1",
+               "train_NoisyStudentTrainer_fold0", "finetune_round1_fold0", "predict", "evaluate")
+
+
+def _kill_during(args: list[str], env: dict[str, str], log: Path, stage: str, progress: Path | None,
+                 delay: float) -> None:
+    """Start the pipeline, wait until ``stage`` runs and has written ``progress`` (a glob: a checkpoint_latest.pth,
+    a finished case), SIGKILL the pipeline and every step it started ``delay`` seconds later; fails unless the
+    kill landed inside that stage."""
+    seen = log.read_text() if log.exists() else ""
+    process = subprocess.Popen(["bash", str(SCRIPT), *args], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    started = re.compile(rf"^\[[0-9:]+\] {re.escape(stage)}: (?!done already)", re.M)
+    deadline = time.monotonic() + 1800
+
+    def reached() -> bool:
+        if not started.search(log.read_text()[len(seen):] if log.exists() else ""):
+            return False
+        return progress is None or any(progress.parent.glob(progress.name))
+
+    while not reached():
+        assert process.poll() is None, f"the pipeline ended ({process.returncode}) before stage {stage} began"
+        assert time.monotonic() < deadline, f"stage {stage} did not begin"
+        time.sleep(0.05)
+    time.sleep(delay)
+    lines = log.read_text()[len(seen):].splitlines()
+    alive = process.poll() is None
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert alive and started.match(lines[-1]), f"stage {stage} was over before the kill: {lines[-3:]}"
+
+
+def _epoch(checkpoint: Path) -> int:
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["current_epoch"])
+
+
+def test_killed_at_every_stage_and_rerun_finishes_like_an_uninterrupted_run(pipeline_run, phantom_dataset,
+                                                                              nnunet_env, tmp_path):
+    """"Equal" for a resumed training: nnU-Net resumes from checkpoint_latest.pth and trains to the same final
+    epoch, so every checkpoint_final.pth has the epoch of the uninterrupted run; the weights are not bitwise equal
+    (nnU-Net does not checkpoint its random state: the augmentation and sampling draws after a resume differ), so
+    the test Dice is compared within noise. Pseudo-labels and predictions cover the same cases, each file whole."""
+    import nibabel as nib
+
+    dataset_id, raw = phantom_dataset
+    args = ["-d", str(dataset_id), "-u", str(raw / "imagesUnlabeled"), "-t", str(raw / "imagesTs"),
+            "-l", str(raw / "labelsTs"), "-r", "tiny", "-f", "0", "-s", "0", "-D", "cpu", "-p", KILLED_PLANS,
+            "-o", KILLED_PSEUDO, "-w", str(tmp_path / "work")]
+    env = _env(nnunet_env)
+    log = tmp_path / "work" / "logs" / "pipeline.log"
+    results = Path(nnunet_env["nnUNet_results"]) / f"Dataset{dataset_id:03d}_{PHANTOM_NAME}"
+    fold = "{}__" + KILLED_PLANS + "__3d_fullres/fold_0/checkpoint_latest.pth"
+    # kill once the stage has something to resume from: a checkpoint (after epoch 1 of 2), a finished case
+    progress = {"train_NoisyStudentTeacherTrainer_fold0": results / fold.format("NoisyStudentTeacherTrainer"),
+                "pseudolabel_round1": Path(nnunet_env["nnUNet_raw"]) / KILLED_PSEUDO / "pseudolabel_cases" / "*.json",
+                "train_NoisyStudentTrainer_fold0": results / fold.format("NoisyStudentTrainer"),
+                # the tiny recipe fine-tunes one epoch: no checkpoint_latest.pth, the rerun starts it again
+                "finetune_round1_fold0": (results / fold.format("NoisyStudentFinetuneTrainer")).with_name(
+                    "training_log_*.txt"),
+                "predict": tmp_path / "work" / "predictions_finetuned" / "*.nii.gz"}
+    delays = random.Random(22)
+    for stage in KILL_STAGES:  # each start resumes the last one, then is killed in the next stage
+        _kill_during(args, env, log, stage, progress.get(stage), delays.uniform(0.0, 0.5))
+    # every killed training resumed: nnU-Net starts a new training log per start
+    for trainer in ("NoisyStudentTeacherTrainer", "NoisyStudentTrainer", "NoisyStudentFinetuneTrainer"):
+        logs = sorted((results / f"{trainer}__{KILLED_PLANS}__3d_fullres" / "fold_0").glob("training_log_*.txt"),
+                      key=lambda log: log.stat().st_mtime)
+        assert len(logs) >= 2, (trainer, logs)
+        if trainer != "NoisyStudentFinetuneTrainer":  # killed after epoch 0's checkpoint: resumed at epoch 1
+            assert "Epoch 1" in logs[-1].read_text() and "Epoch 0" not in logs[-1].read_text(), logs[-1]
+    done = _run(args, env)
+    assert done.returncode == 0, f"rerun after the kills failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "pipeline complete" in done.stdout
+
+    for trainer in ("NoisyStudentTeacherTrainer", "NoisyStudentTrainer", "NoisyStudentFinetuneTrainer"):
+        killed = results / f"{trainer}__{KILLED_PLANS}__3d_fullres" / "fold_0"
+        whole = next((results / f"{trainer}__{PLANS}__3d_fullres").glob("fold_*"))
+        assert _epoch(killed / "checkpoint_final.pth") == _epoch(whole / "checkpoint_final.pth"), trainer
+        assert (killed / "validation" / "summary.json").is_file() and not (killed / "checkpoint_latest.pth").exists()
+    roots = [*results.glob(f"*__{KILLED_PLANS}__*"), Path(nnunet_env["nnUNet_raw"]) / KILLED_PSEUDO,
+             Path(nnunet_env["nnUNet_preprocessed"]) / KILLED_PSEUDO, tmp_path / "work"]
+    leftovers = [p for root in roots for p in root.rglob("*") if "partial" in p.name or p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+    unlabeled = sorted(p.name.replace("_0000.nii.gz", "") for p in (raw / "imagesUnlabeled").glob("*.nii.gz"))
+    labels = Path(nnunet_env["nnUNet_raw"]) / KILLED_PSEUDO / "labelsTr"
+    assert sorted(p.name.replace(".nii.gz", "") for p in labels.glob("*.nii.gz")) == unlabeled
+    for case in unlabeled:  # whole files: decompressed to the end
+        assert np.asarray(nib.load(labels / f"{case}.nii.gz").dataobj).shape == \
+            nib.load(raw / "imagesUnlabeled" / f"{case}_0000.nii.gz").shape
+    predictions = tmp_path / "work" / "predictions_finetuned"
+    for image in sorted((raw / "imagesTs").glob("*.nii.gz")):
+        predicted = np.asarray(nib.load(predictions / image.name.replace("_0000.nii.gz", ".nii.gz")).dataobj)
+        assert predicted.shape == nib.load(image).shape
+    killed_dsc = json.loads((tmp_path / "work" / "evaluation_summary.json").read_text())["overall"]["DSC"]["mean"]
+    whole_dsc = json.loads((pipeline_run[2] / "evaluation_summary.json").read_text())["overall"]["DSC"]["mean"]
+    assert abs(killed_dsc - whole_dsc) < 0.25, (killed_dsc, whole_dsc)  # 2 epochs of 4 iterations: noisy
