@@ -100,8 +100,6 @@ def _pool_images(seed_work: Path, demo_labeled: Path) -> Path:
 
 def run_ablation(name: str, seed_work: Path, truth: Path, device: str) -> dict[str, Path]:
     """Train and predict one ablation's student and fine-tune (resumes); stage name -> test predictions."""
-    from noisy_student_nnunet.plans_transfer import preprocess_with_plans
-
     labeled_id, pseudo_id = ABLATIONS[name]
     env = demo_environment(seed_work, device=device)
     raw, preprocessed = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
@@ -125,7 +123,9 @@ def run_ablation(name: str, seed_work: Path, truth: Path, device: str) -> dict[s
     if name == "oracle":
         oracle = _oracle_raw(raw, demo_labeled, truth, pseudo_id)
         if not (preprocessed / oracle.name / f"{PLANS}.json").is_file():
-            preprocess_with_plans(labeled_id, pseudo_id, PLANS)
+            # in a child: nnU-Net reads its folders from the environment when first imported
+            _run([sys.executable, "-c", "from noisy_student_nnunet.plans_transfer import preprocess_with_plans; "
+                  f"preprocess_with_plans({labeled_id}, {pseudo_id}, {PLANS!r})"], env, log, name)
         pseudo = oracle.name
     elif name == "pool96":
         pseudo = f"Dataset{pseudo_id:03d}_DemoPool{POOL}"
