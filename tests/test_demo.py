@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,5 +103,24 @@ def test_a_work_folder_keeps_its_seed(tmp_path):
     dataset = tmp_path / "nnUNet_raw" / "Dataset990_DemoPhantoms"
     dataset.mkdir(parents=True)
     (dataset / "phantoms.json").write_text(json.dumps({"seed": 0, "cases": []}))
-    with pytest.raises(NsnError, match="seed 0, not 1"):
+    with pytest.raises(NsnError, match="phantoms of seed 0 .* not seed 1 of setting iid"):
         run_demo(tmp_path, seed=1)
+    with pytest.raises(NsnError, match="phantoms of seed 0 .* not seed 0 of setting shift"):  # nor its setting
+        run_demo(tmp_path, seed=0, setting="shift")
+
+
+def test_a_second_demo_on_one_work_folder_is_refused_naming_the_first(tmp_path):
+    code = ("import sys, time; from noisy_student_nnunet.locks import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'nsn demo'):\n"
+            "    print('held', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "-m", "noisy_student_nnunet.cli", "demo", "-w", str(tmp_path)],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode != 0 and len(lines) == 1 and f"pid {holder.pid}" in lines[0], second.stderr
+    assert not (tmp_path / "nnUNet_raw").exists()  # refused before any work

@@ -198,6 +198,16 @@ def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_l
     cohort, unlabeled and test cases from a broad mix; see ``phantoms/cohorts.py``).
     Writes ``demo_table.txt``, ``demo_results.json``, ``demo_slices.png`` and ``demo_resources.png`` to ``work``.
     """
+    from noisy_student_nnunet.locks import folder_lock
+
+    with folder_lock(work, "nsn demo"):  # a second demo on this folder is refused, naming this one
+        return _run_demo(work, dataset_id, recipe, num_labeled, num_unlabeled, num_test, folds, seed, student_folds,
+                         device, setting)
+
+
+def _run_demo(work: Path, dataset_id: int, recipe: str | None, num_labeled: int, num_unlabeled: int, num_test: int,
+              folds: tuple[str, ...], seed: int, student_folds: tuple[str, ...] | None, device: str,
+              setting: str) -> list[ModelScore]:
     started = time.monotonic()
     student_folds = tuple(student_folds or folds)
     recipe = recipe or DEFAULT_RECIPES[device]

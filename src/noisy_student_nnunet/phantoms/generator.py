@@ -46,13 +46,17 @@ class Phantom:
         return images[0], images[1]
 
     def write(self, image_path: str | os.PathLike, label_path: str | os.PathLike | None = None) -> None:
-        """Write the image (and the label when a path is given) as compressed NIfTI (or any ITK format)."""
+        """Write the image (and the label when a path is given) as compressed NIfTI (or any ITK format), each
+        checked whole on disk (SimpleITK does not raise when the disk fills: written.WriteFailed does)."""
         import SimpleITK as sitk
 
+        from noisy_student_nnunet.written import check_file
+
         image, label = self.to_sitk()
-        sitk.WriteImage(image, str(image_path), True)
-        if label_path is not None:
-            sitk.WriteImage(label, str(label_path), True)
+        for sitk_image, path in ((image, image_path), (label, label_path)):
+            if path is not None:
+                sitk.WriteImage(sitk_image, str(path), True)
+                check_file(path, path)
 
     def organ_voxels(self) -> dict[str, int]:
         counts = np.bincount(self.label.ravel(), minlength=len(FLARE22_ORGANS) + 1)
