@@ -144,20 +144,22 @@ def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
     for stage, baseline in comparisons:
         values = paired_differences(records, stage, baseline, metric)
         lines.append(f"{stage + ' - ' + baseline:<36}{_interval_text(values):>26}   {len(values)}")
+    width = max(28, *(len(a) + len(b) + 5 for a, b in comparisons))
     lines += ["", "per organ: paired difference, mean [95 % CI] over seeds"]
-    lines.append(f"{'organ':<20}" + "".join(f"{a + ' - ' + b:>30}" for a, b in comparisons))
+    lines.append(f"{'organ':<20}" + "".join(f"{a + ' - ' + b:>{width}}" for a, b in comparisons))
     for organ in ORGANS:
         lines.append(f"{organ:<20}" + "".join(
-            f"{_interval_text(paired_differences(records, a, b, metric, organ=organ)):>30}" for a, b in comparisons))
+            f"{_interval_text(paired_differences(records, a, b, metric, organ=organ)):>{width}}"
+            for a, b in comparisons))
     cohorts = sorted({c for r in records for c in r.get("per_cohort", {})})
     if cohorts and cohorts != ["iid"]:
         lines += ["", "per cohort of the test set: paired difference, mean [95 % CI] over the seeds with such cases "
                       "(cases: test cases over all seeds)"]
-        lines.append(f"{'cohort':<24}{'cases':>6}" + "".join(f"{a + ' - ' + b:>30}" for a, b in comparisons))
+        lines.append(f"{'cohort':<24}{'cases':>6}" + "".join(f"{a + ' - ' + b:>{width}}" for a, b in comparisons))
         for cohort in cohorts:
             cases = sum(r["per_cohort"][cohort]["cases"] for r in records if cohort in r.get("per_cohort", {}))
             lines.append(f"{cohort:<24}{cases:>6}" + "".join(
-                f"{_interval_text(paired_differences(records, a, b, metric, cohort=cohort)):>30}"
+                f"{_interval_text(paired_differences(records, a, b, metric, cohort=cohort)):>{width}}"
                 for a, b in comparisons))
     return "\n".join(lines)
 
