@@ -250,8 +250,11 @@ def main() -> None:
             if done.get("fingerprint") == print_id and wanted <= set(done["stages"]):
                 print(f"{args.setting} seed {seed}: done ({path}), skipped", flush=True)
                 continue
-            write_record(path, run_seed(args.setting, seed, args.work, demo_args, args.control, print_id,
-                                        args.ablations))
+            # ablations the file already has stay in it (their models resume from the work folder)
+            kept = {stage.split("_", 1)[1] for stage in done.get("stages", {}) if stage.startswith("student_")}
+            ablations = sorted(set(args.ablations) | (kept & set(ABLATIONS)) if done.get("fingerprint") == print_id
+                               else set(args.ablations))
+            write_record(path, run_seed(args.setting, seed, args.work, demo_args, args.control, print_id, ablations))
             print(f"{args.setting} seed {seed}: wrote {path}", flush=True)
 
     records = load_records(folder)
