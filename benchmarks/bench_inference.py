@@ -7,6 +7,8 @@
     python benchmarks/bench_inference.py huge     # (d) bench_huge.py: 512x512x1000 input, tiny network
     python benchmarks/bench_inference.py memory   # (e) bench_memory.py: ours' peak RSS stage by stage
     python benchmarks/bench_inference.py patch    # (f) bench_patch.py: one patch, fp32/bf16, channels-last, threads
+    python benchmarks/bench_inference.py backends # (g) bench_backends.py: stock vs ours torch vs ours OpenVINO (cold,
+                                                  #     warm), where the time goes, 10 mixed cases, trained labels
 
 ``bench_inference.py WHAT ARGS`` is ``bench_WHAT.py ARGS``; ``--workdir DIR`` may come before WHAT, as it did
 when all of them lived in this file. Shared parts: ``_common.py`` (machine line, tables, fresh-process workers,
@@ -19,7 +21,7 @@ import importlib
 import sys
 
 BENCHMARKS = {"export": "bench_export", "e2e": "bench_e2e", "gpu": "bench_gpu", "huge": "bench_huge",
-              "memory": "bench_memory", "patch": "bench_patch"}
+              "memory": "bench_memory", "patch": "bench_patch", "backends": "bench_backends"}
 
 
 def main(argv: list[str] | None = None) -> int:

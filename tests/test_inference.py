@@ -227,7 +227,8 @@ def test_fold_average_equals_stock_and_softmax_mode(two_fold_model):
     folder, image = two_fold_model
     stock = nnUNetPredictor(use_mirroring=False, device=CPU, allow_tqdm=False)
     stock.initialize_from_trained_model_folder(str(folder), (0, 1))
-    ours = LowFootprintPredictor(device=CPU, allow_tqdm=False, precision="fp32")  # stock's CPU precision
+    # stock's CPU precision and runtime: fold averaging must equal stock's to the bit (OpenVINO: test_openvino.py)
+    ours = LowFootprintPredictor(device=CPU, allow_tqdm=False, precision="fp32", backend="torch")
     ours.initialize_from_trained_model_folder(str(folder), (0, 1))
     data, _ = preprocess_case([str(image)], None, ours.plans_manager, ours.configuration_manager, ours.dataset_json)
     data = torch.from_numpy(data)
@@ -322,9 +323,10 @@ def results_env(tmp_path_factory):
     subprocess.run([str(BIN / "nnUNetv2_predict"), *common, "-o", str(stock), "--disable_tta", "-npp", "0",
                     "-nps", "0"], env=env, check=True, capture_output=True)
     ours = root / "ours"
-    # fp32, stock's CPU precision: these tests are about geometry and export (bf16: test_precision.py)
+    # fp32 in torch, stock's CPU precision and runtime: these tests are about geometry and export, equal to stock's
+    # to the voxel (bf16: test_precision.py; OpenVINO: test_openvino.py)
     done = subprocess.run([str(BIN / "nnUNetv2_predict_lowfootprint"), *common, "-o", str(ours), "--precision",
-                           "fp32"], env=env, capture_output=True, text=True)
+                           "fp32", "--backend", "torch"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return {"root": root, "env": env, "common": common, "stock": stock, "ours": ours, "inputs": inputs,
             "plans": plans}
@@ -356,7 +358,8 @@ def test_linear_export_end_to_end_matches_stock(results_env, monkeypatch):
     """Python API, --export linear: same labels as stock nnUNetv2_predict --disable_tta."""
     folder = Path(results_env["env"]["nnUNet_results"]) / results_env["plans"]["dataset_name"] / \
         f"nnUNetTrainer__nnUNetPlans__{mf.CONFIGURATION}"
-    predictor = LowFootprintPredictor(device=CPU, allow_tqdm=False, export_mode="linear", precision="fp32")
+    predictor = LowFootprintPredictor(device=CPU, allow_tqdm=False, export_mode="linear", precision="fp32",
+                                      backend="torch")
     predictor.initialize_from_trained_model_folder(str(folder), (0,))
     out = results_env["root"] / "ours_linear"
     predictor.predict_from_files(str(results_env["inputs"]), str(out), num_processes_preprocessing=0,

@@ -124,8 +124,14 @@ TRAIN_ITERATIONS = 400
 
 
 def test_bf16_labels_match_fp32_on_a_trained_model(trained_model, tmp_path):
+    """Reference: torch fp32. OpenVINO fp32 (the default backend's exact path) holds Dice >= 0.997 per learned organ
+    (issue 20's guard); bf16 (OpenVINO, the default backend, as ``auto`` runs it on a bf16 CPU) >= 0.99: on the demo
+    model bf16 misses 0.997 on the smallest organs by a voxel or two, in torch as in OpenVINO (benchmarks/
+    bench_backends.py --trained)."""
     results, inputs, truth = trained_model
-    _, fp32 = _predict(_env(results), inputs, tmp_path / "fp32", TRAINED_DATASET, "--precision", "fp32")
+    _, fp32 = _predict(_env(results), inputs, tmp_path / "fp32", TRAINED_DATASET, "--precision", "fp32", "--backend",
+                       "torch")
+    _, ov_fp32 = _predict(_env(results), inputs, tmp_path / "ov_fp32", TRAINED_DATASET, "--precision", "fp32")
     _, bf16 = _predict(_env(results), inputs, tmp_path / "bf16", TRAINED_DATASET, "--precision", "bf16")
     # The guard is over the organs the model learned (Dice >= 0.5 against the truth). An organ it did not learn
     # is a scatter of near-tie voxels (measured: oesophagus, 144 voxels at Dice 0.016 against the truth), where
@@ -134,8 +140,10 @@ def test_bf16_labels_match_fp32_on_a_trained_model(trained_model, tmp_path):
     learned = [c for c in organs if 2 * ((fp32 == c) & (truth == c)).sum() / ((fp32 == c).sum() + (truth == c).sum())
                >= 0.5]
     assert len(learned) >= 3, f"the model learned too little to test precision: organs {organs}"
-    for c in learned:
-        p, q = fp32 == c, bf16 == c
-        dice = 2 * (p & q).sum() / (p.sum() + q.sum())
-        assert dice >= 0.99, (c, dice, int(p.sum()))
+    for labels, threshold in ((ov_fp32, 0.997), (bf16, 0.99)):
+        for c in learned:
+            p, q = fp32 == c, labels == c
+            dice = 2 * (p & q).sum() / (p.sum() + q.sum())
+            assert dice >= threshold, (c, dice, int(p.sum()), threshold)
     assert (bf16 == fp32).mean() >= 0.999
+    assert (ov_fp32 == fp32).mean() >= 0.9999

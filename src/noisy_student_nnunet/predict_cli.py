@@ -14,7 +14,8 @@ stock argument keeps its name, default and meaning, except:
   such case with a traceback (and predicts a truncated ``.nii.gz`` silently).
 
 Added: ``--export nearest|linear`` (nearest: the paper's argmax then nearest neighbour; linear: stock's labels
-at low memory), ``--combine logits|softmax`` (how folds are averaged) and ``--precision auto|fp32|bf16``.
+at low memory), ``--combine logits|softmax`` (how folds are averaged), ``--precision auto|fp32|bf16`` and
+``--backend auto|torch|openvino`` (auto: OpenVINO on the CPU, converted once per model and cached beside it).
 On CPU the network gets the cores this process may use (stock: the host's CPU count, capped at 8).
 """
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Network precision. auto: bf16 autocast on a CPU that executes bf16 natively "
                              "(AMX-BF16 or AVX512_BF16; NSN_CPU_BF16=0 says it does not), else fp32; on CUDA "
                              "stock's fp16 autocast. fp32 / bf16: as named, on CPU or CUDA. Default: auto")
+    parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                        help="What runs the network. auto: OpenVINO on the CPU (the network is converted once and "
+                             "cached in openvino_cache/ beside the model, or in $NSN_OPENVINO_CACHE), torch on "
+                             "CUDA. Default: auto")
     return parser
 
 
@@ -197,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.precision == "bf16" and device.type not in ("cpu", "cuda"):
         raise NsnError(f"--precision bf16: supported on cpu and cuda, not {device.type}")
+    from noisy_student_nnunet.inference.backend import choose_backend
+
+    choose_backend(args.backend, device)  # an impossible choice fails before the model is loaded
     os.makedirs(args.o, exist_ok=True)
     predictor = LowFootprintPredictor(
         tile_step_size=args.step_size,
@@ -210,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         export_mode=args.export,
         fold_combination=args.combine,
         precision=args.precision,
+        backend=args.backend,
     )
     predictor.initialize_from_trained_model_folder(model_folder, args.f, checkpoint_name=args.chk)
     from noisy_student_nnunet.inference import FailedCases

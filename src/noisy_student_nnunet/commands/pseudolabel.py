@@ -69,6 +69,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="network precision: auto = bf16 on a CPU with native bf16 (AMX-BF16/AVX512_BF16), "
                              "else fp32; fp16 on CUDA (default: auto)")
+    parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                        help="what runs the network: auto = OpenVINO on the CPU (converted once per teacher fold and "
+                             "cached beside the model or in $NSN_OPENVINO_CACHE), torch on CUDA (default: auto)")
     parser.add_argument("--enable-tta", dest="enable_tta", action="store_true",
                         help="mirroring test-time augmentation (off by default: low-footprint inference)")
     parser.add_argument("-step_size", dest="step_size", type=float, default=0.5,
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         labeled_dataset=args.dataset, images_dir=args.images, folds=args.folds, trainer=args.trainer,
         plans=args.plans, student_plans=args.student_plans, configuration=args.configuration, checkpoint=args.checkpoint,
         enable_tta=args.enable_tta, ignore_below=args.ignore_below,
-        direct_preprocessed=not args.stock_preprocessing, tile_step_size=args.step_size, precision=args.precision)
+        direct_preprocessed=not args.stock_preprocessing, tile_step_size=args.step_size, precision=args.precision,
+        backend=args.backend)
     if args.finalize:
         result = finalize(settings, output=args.output, keep_top=args.keep_top, min_confidence=args.min_confidence,
                           num_processes=args.num_processes)
@@ -108,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise NsnError("-device cuda: no CUDA device available (use -device cpu)")
+    from noisy_student_nnunet.inference.backend import choose_backend
+
+    choose_backend(args.backend, device)  # an impossible choice fails before any work
     set_torch_threads(torch.device(device))
     part = run_part(settings, output=args.output, num_parts=args.num_parts, part_id=args.part_id, device=device,
                     progress=not args.disable_progress_bar, keep_top=args.keep_top,

@@ -5,6 +5,8 @@
 - :mod:`.export`: logits -> label map in the original geometry, ``nearest`` or stock-equal ``linear``.
 - :mod:`.resize`: the slab-wise and label-map resampling both use (torch, CPU or CUDA).
 - :mod:`.preprocessing`: stock's preprocessing with slice-wise resampling (same array, less memory).
+- :mod:`.backend`: what runs the network (``--backend auto|torch|openvino``); :mod:`.openvino_backend`: the
+  network converted once to OpenVINO, cached, compiled once per process.
 """
 
 from noisy_student_nnunet.inference.export import (

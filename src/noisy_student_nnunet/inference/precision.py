@@ -61,6 +61,16 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
+#: the /proc/cpuinfo flags that decide the speed of each backend and precision (named with every figure)
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def speed_flags() -> list[str]:
+    """Which of :data:`SPEED_FLAGS` this CPU has (empty where /proc/cpuinfo is not readable)."""
+    flags = _cpuinfo_flags()
+    return [flag for flag in SPEED_FLAGS if flag in flags]
+
+
 def _torch_check(name: str) -> bool:
     """torch's private CPU capability checks (present in torch 2.x); False where missing or failing."""
     check = getattr(torch.cpu, name, None)

@@ -17,6 +17,9 @@ What differs from ``nnUNetPredictor`` (everything else, including the sliding wi
 - Preprocessing and export run in this process (threads, not processes): no copies of volumes through pipes or
   ``multiprocessing.Manager``, no extra interpreters importing torch. Preprocessing is stock's, with a
   slice-wise resampling that gives the same array (:mod:`noisy_student_nnunet.inference.preprocessing`).
+- ``backend='auto'``: each patch goes through OpenVINO on the CPU (converted once per network, cached:
+  :mod:`noisy_student_nnunet.inference.openvino_backend`), through torch on CUDA
+  (:mod:`noisy_student_nnunet.inference.backend`). Only the network call on a patch changes.
 - Files are written under a temporary name and renamed when complete.
 - A case whose input is unusable (no channel suffix, wrong channel count, truncated gzip stream, unreadable,
   NaN) is reported and skipped, the other cases are predicted, and :class:`FailedCases` (naming every failed
@@ -51,6 +54,7 @@ from noisy_student_nnunet.inference.export import (
     write_labels,
 )
 from noisy_student_nnunet.cpu_threads import available_cores
+from noisy_student_nnunet.inference.backend import Backend, choose_backend
 from noisy_student_nnunet.inference.precision import Precision, choose_precision
 from noisy_student_nnunet.inference.preprocessing import preprocess_case
 from noisy_student_nnunet.io_checks import check_case_files, check_channels_read, group_case_files, \
@@ -154,9 +158,11 @@ class LowFootprintPredictor(nnUNetPredictor):
                  export_mode: str = NEAREST,
                  fold_combination: str = "logits",
                  slab_bytes: int = 64 * 1024**2,
-                 precision: str = "auto"):
+                 precision: str = "auto",
+                 backend: str = "auto"):
         """``precision``: 'auto', 'fp32' or 'bf16' (see :func:`~noisy_student_nnunet.inference.precision.
-        choose_precision`); the choice and its reason are printed once here."""
+        choose_precision`); ``backend``: 'auto', 'torch' or 'openvino' (:func:`~noisy_student_nnunet.inference.
+        backend.choose_backend`); the choices and their reasons are printed once here."""
         if export_mode not in EXPORT_MODES:
             raise ValueError(f"export_mode must be one of {EXPORT_MODES}, got {export_mode!r}")
         if fold_combination not in FOLD_COMBINATIONS:
@@ -169,7 +175,11 @@ class LowFootprintPredictor(nnUNetPredictor):
         self.slab_bytes = int(slab_bytes)
         self.failed_cases: dict[str, str] = {}  #: case id -> why, of the last predict_from_files
         self.precision: Precision = choose_precision(precision, self.device)
+        self.backend: Backend = choose_backend(backend, self.device)
+        self.model_folder: Optional[str] = None  #: where the OpenVINO cache goes beside the model
+        self._openvino = None  # OpenVinoRunner, made at the first patch (it needs the input shape)
         print(f"LowFootprintPredictor: {self.precision.describe()}", flush=True)
+        print(f"LowFootprintPredictor: {self.backend.describe()}", flush=True)
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
                                              checkpoint_name: str = "checkpoint_final.pth"):
@@ -188,6 +198,7 @@ class LowFootprintPredictor(nnUNetPredictor):
             self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
         model_files.check_folds_fit(self.network, self.list_of_parameters, model_training_output_dir,
                                     [folds] if isinstance(folds, str) else folds, checkpoint_name)
+        self.model_folder = model_training_output_dir
 
     # ------------------------------------------------------------------ prediction of logits
     def _keep_on_device(self) -> bool:
@@ -220,18 +231,40 @@ class LowFootprintPredictor(nnUNetPredictor):
             else:
                 view.copy_(torch.log(p))
 
-    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Stock's network call (and mirrored calls with TTA) in this predictor's precision; the result and the
-        sum over mirrored passes are fp32 whatever the network ran in (a bf16 sum of 8 passes loses digits)."""
+    def _openvino_runner(self, input_shape: Sequence[int]):
+        """The OpenVINO runner for full patches of ``input_shape`` (made once; conversion and compilation happen
+        at its first use for each set of weights)."""
+        if self._openvino is None or self._openvino.input_shape != tuple(input_shape):
+            from noisy_student_nnunet.inference.openvino_backend import OpenVinoRunner
+
+            self._openvino = OpenVinoRunner(input_shape, self.precision.name, self.model_folder,
+                                            threads=min(torch.get_num_threads(), available_cores()))
+        return self._openvino
+
+    def _prepare_backend(self, num_channels: int) -> None:
+        """Convert/load and compile for the loaded weights before the sliding window's progress bar starts."""
+        if self.backend.name == "openvino":
+            shape = (1, num_channels, *[int(p) for p in self.configuration_manager.patch_size])
+            self._openvino_runner(shape).prepare(self.network)
+
+    def _run_network(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on one patch, in the chosen backend and precision."""
+        if self.backend.name == "openvino":
+            return self._openvino_runner(tuple(x.shape))(self.network, x)
         with self.precision.autocast():
-            prediction = self.network(x).float()
+            return self.network(x)
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Stock's network call (and mirrored calls with TTA) in this predictor's backend and precision; the result
+        and the sum over mirrored passes are fp32 whatever the network ran in (a bf16 sum of 8 passes loses
+        digits)."""
+        prediction = self._run_network(x).float()
         if self.use_mirroring and self.allowed_mirroring_axes is not None:
             mirror_axes = [m + 2 for m in self.allowed_mirroring_axes]
             assert max(mirror_axes) <= x.ndim - 1, "mirror_axes does not match the dimension of the input!"
             combinations = [c for i in range(len(mirror_axes)) for c in itertools.combinations(mirror_axes, i + 1)]
             for axes in combinations:
-                with self.precision.autocast():
-                    mirrored = self.network(torch.flip(x, axes))
+                mirrored = self._run_network(torch.flip(x, axes))
                 prediction += torch.flip(mirrored, axes).float()
                 del mirrored
             prediction /= len(combinations) + 1
@@ -253,6 +286,7 @@ class LowFootprintPredictor(nnUNetPredictor):
 
         try:
             empty_cache(self.device)
+            self._prepare_backend(data.shape[0])
             data = data.to(results_device)
             queue = Queue(maxsize=2)
             Thread(target=producer, args=(data, slicers, queue), daemon=True).start()

@@ -47,15 +47,15 @@ def fold_checkpoints(model_dir: Path, folds: Sequence[int | str], checkpoint_nam
 
 
 def _new_predictor(device: torch.device, use_mirroring: bool, tile_step_size: float, progress: bool,
-                   precision: str = "auto"):
-    """The low-footprint predictor (its device handling and network precision)."""
+                   precision: str = "auto", backend: str = "auto"):
+    """The low-footprint predictor (its device handling, network precision and backend)."""
     from noisy_student_nnunet.inference import LowFootprintPredictor
 
     try:
         return LowFootprintPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                      perform_everything_on_device=device.type == "cuda", device=device,
                                      verbose=False, verbose_preprocessing=False, allow_tqdm=progress,
-                                     precision=precision)
+                                     precision=precision, backend=backend)
     except ValueError as error:
         raise NsnError(f"--precision {precision}: {error}") from None
 
@@ -69,12 +69,12 @@ class TeacherEnsemble:
 
     def __init__(self, model_dir: Path | str, folds: Sequence[int | str], checkpoint_name: str = "checkpoint_final.pth",
                  device: torch.device | str = "cpu", use_mirroring: bool = False, tile_step_size: float = 0.5,
-                 progress: bool = False, precision: str = "auto"):
+                 progress: bool = False, precision: str = "auto", backend: str = "auto"):
         self.model_dir = Path(model_dir)
         self.folds = parse_folds(folds)
         self.checkpoint_files = fold_checkpoints(self.model_dir, self.folds, checkpoint_name)
         self.device = torch.device(device) if isinstance(device, str) else device
-        self.predictor = _new_predictor(self.device, use_mirroring, tile_step_size, progress, precision)
+        self.predictor = _new_predictor(self.device, use_mirroring, tile_step_size, progress, precision, backend)
         try:
             self.predictor.initialize_from_trained_model_folder(str(self.model_dir), self.folds, checkpoint_name)
         except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:

@@ -53,6 +53,8 @@ class PseudolabelSettings:
     student_plans: str | None = None
     #: network precision (inference.precision): like the device, it is not part of the manifest
     precision: str = "auto"
+    #: what runs the network (inference.backend): not part of the manifest either
+    backend: str = "auto"
 
     def resolved(self) -> "PseudolabelSettings":
         from noisy_student_nnunet.pseudolabel.ensemble import parse_folds
@@ -67,7 +69,8 @@ class PseudolabelSettings:
             folds=tuple(parse_folds(self.folds)), trainer=self.trainer, plans=self.plans,
             configuration=self.configuration, checkpoint=self.checkpoint, enable_tta=self.enable_tta,
             ignore_below=self.ignore_below, direct_preprocessed=self.direct_preprocessed,
-            tile_step_size=self.tile_step_size, student_plans=self.student_plans, precision=self.precision)
+            tile_step_size=self.tile_step_size, student_plans=self.student_plans, precision=self.precision,
+            backend=self.backend)
 
     @property
     def model_dir(self) -> Path:
@@ -233,7 +236,7 @@ def _setup(settings: PseudolabelSettings, output: str | None, load_model: bool, 
     if load_model:
         ensemble = TeacherEnsemble(model_dir, settings.folds, settings.checkpoint, device=device,
                                    use_mirroring=settings.enable_tta, tile_step_size=settings.tile_step_size,
-                                   progress=False, precision=settings.precision)
+                                   progress=False, precision=settings.precision, backend=settings.backend)
     return settings, dataset, ensemble, inputs, model_json, plans_file
 
 
