@@ -254,7 +254,11 @@ def main() -> None:
             kept = {stage.split("_", 1)[1] for stage in done.get("stages", {}) if stage.startswith("student_")}
             ablations = sorted(set(args.ablations) | (kept & set(ABLATIONS)) if done.get("fingerprint") == print_id
                                else set(args.ablations))
-            write_record(path, run_seed(args.setting, seed, args.work, demo_args, args.control, print_id, ablations))
+            record = run_seed(args.setting, seed, args.work, demo_args, args.control, print_id, ablations)
+            if done.get("fingerprint") == print_id:  # a rerun for ablations: the first run's minutes and commit stay
+                record["minutes"].update({k: v for k, v in done["minutes"].items() if k in ("demo", "control")})
+                record["commit"] = f"{done['commit']} (ablations: {record['commit']})"
+            write_record(path, record)
             print(f"{args.setting} seed {seed}: wrote {path}", flush=True)
 
     records = load_records(folder)
