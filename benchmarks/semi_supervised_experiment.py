@@ -257,7 +257,9 @@ def main() -> None:
             record = run_seed(args.setting, seed, args.work, demo_args, args.control, print_id, ablations)
             if done.get("fingerprint") == print_id:  # a rerun for ablations: the first run's minutes and commit stay
                 record["minutes"].update({k: v for k, v in done["minutes"].items() if k in ("demo", "control")})
-                record["commit"] = f"{done['commit']} (ablations: {record['commit']})"
+                record["ablation_commits"] = {**done.get("ablation_commits", {}),
+                                              **{name: record["commit"] for name in args.ablations}}
+                record["commit"] = done["commit"]
             write_record(path, record)
             print(f"{args.setting} seed {seed}: wrote {path}", flush=True)
 

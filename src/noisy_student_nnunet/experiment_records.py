@@ -112,6 +112,8 @@ def paired_differences(records: Sequence[dict], stage: str, baseline: str, metri
 def _interval_text(values: Sequence[float]) -> str:
     if not values:
         return "n/a"
+    if len(values) == 1:  # one seed has no interval: say so rather than print [x, x]
+        return f"{values[0]:+6.2f} (n=1, no CI)"
     mean, low, high = t_interval(values)
     return f"{mean:+6.2f} [{low:+6.2f}, {high:+6.2f}]"
 
@@ -135,8 +137,8 @@ def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
     lines.append(f"{'stage':<22}{'mean':>8}{'sd':>7}   per seed")
     for stage in stages:
         values = [100 * overall(r["stages"][stage], metric) for r in records if stage in r["stages"]]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"{stage:<22}{statistics.fmean(values):8.2f}{sd:7.2f}   " + " ".join(f"{v:.1f}" for v in values))
+        sd = f"{statistics.stdev(values):7.2f}" if len(values) > 1 else f"{'n/a':>7}"
+        lines.append(f"{stage:<22}{statistics.fmean(values):8.2f}{sd}   " + " ".join(f"{v:.1f}" for v in values))
     if any("pseudo_labels" in r for r in records):
         values = [100 * overall(r["pseudo_labels"], metric) for r in records if "pseudo_labels" in r]
         lines.append(f"{'(pseudo-labels vs truth)':<22}{statistics.fmean(values):8.2f}")

@@ -236,12 +236,14 @@ def run(args: argparse.Namespace) -> int:
         )
     except WriteFailed as error:  # disk full: the next cases would fail alike; stop, --continue_prediction resumes
         ending = predictor.dataset_json["file_ending"]
-        case = error.path.name[:-len(ending)] if error.path.name.endswith(ending) else error.path.stem
-        try:
-            _record_failures(args, {**predictor.failed_cases, case: error.cause + "; free space and rerun with "
-                                    "--continue_prediction"})
-        except (WriteFailed, OSError):
-            pass  # the list is a courtesy; the error line below names the file either way
+        name = error.path.name
+        case = next((name[:-len(s)] for s in (ending, ".npz", ".pkl") if name.endswith(s)), None)
+        if case is not None:  # not a case's file (the folder's dataset.json or plans.json): no case to list
+            try:
+                _record_failures(args, {**predictor.failed_cases, case: error.cause + "; free space and rerun with "
+                                        "--continue_prediction"})
+            except (WriteFailed, OSError):
+                pass  # the list is a courtesy; the error line below names the file either way
         raise
     except FailedCases as failed:
         listed = _record_failures(args, failed.failures)

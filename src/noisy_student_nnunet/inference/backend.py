@@ -1,8 +1,8 @@
 """Which runtime executes the network on a patch, and why (``--backend auto|torch|openvino``).
 
-On the CPU, OpenVINO runs nnU-Net's 3D U-Net about twice as fast as torch eager in fp32 (half-width FLARE22 patch
-40x224x192, 2 threads: 4.23 s -> 2.06 s on an AVX2-only EPYC; 6.8 s -> 3.5 s on an AVX512-BF16 EPYC under load)
-and 1.5x as fast in bf16 where the CPU has it natively (3.2 s -> 2.1 s, same EPYC, same load). On CUDA torch is
+On the CPU, OpenVINO runs nnU-Net's 3D U-Net faster than torch eager (one half-width FLARE22 patch, 2 threads of an
+AVX512-BF16 EPYC under load: fp32 6.8 s -> 3.4-3.6 s, bf16 3.24 s -> 2.14 s; docs/benchmarks.md, "OpenVINO
+backend"). On CUDA torch is
 the runtime (stock's fp16 autocast). So ``auto`` is OpenVINO on the CPU and torch elsewhere; if OpenVINO is not
 installed, ``auto`` says so and uses torch, an explicit ``openvino`` is an error.
 """
@@ -66,5 +66,5 @@ def choose_backend(requested: str, device: torch.device | str) -> Backend:
         return Backend("torch", f"auto on {device_type}")
     if not openvino_installed():
         return Backend("torch", "auto on cpu, but the openvino package is not installed (pip install openvino)")
-    return Backend("openvino", "auto on cpu: OpenVINO runs the U-Net faster than torch there (about 2x in fp32, "
-                               "1.5x in bf16)")
+    return Backend("openvino", "auto on cpu: OpenVINO runs the U-Net faster than torch there "
+                               "(docs/benchmarks.md#openvino-backend)")

@@ -1,7 +1,7 @@
 """The OpenVINO backend: each network converted once, cached on disk, compiled once per process.
 
-Converting nnU-Net's U-Net from torch to OpenVINO takes seconds to a minute (33 s for the half-width FLARE model
-on 2 cores), compiling the converted model well under a second. So the converted model (OpenVINO IR, fp32
+Converting nnU-Net's U-Net from torch to OpenVINO takes seconds to a minute (the conversion prints its time),
+compiling the converted model well under a second. So the converted model (OpenVINO IR, fp32
 weights) is cached, keyed by the network's content (its architecture and weights, whichever checkpoint or fold
 they came from), the static input shape (1, channels, *patch size: the sliding window only ever feeds full
 patches), the precision and the OpenVINO version; each process compiles it once and reuses it for every case.
