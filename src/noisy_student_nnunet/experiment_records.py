@@ -134,18 +134,18 @@ def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
                                                                                           kind == "finetuned")]
     lines = [f"setting {setting}: {len(records)} seeds ({', '.join(map(str, seeds))}); {metric} in points, mean over "
              f"the 13 organs and each seed's test cases; intervals: 95 % Student t over seeds, paired by seed", ""]
-    lines.append(f"{'stage':<22}{'mean':>8}{'sd':>7}   per seed")
+    lines.append(f"{'stage':<32}{'mean':>8}{'sd':>7}   per seed")
     for stage in stages:
         values = [100 * overall(r["stages"][stage], metric) for r in records if stage in r["stages"]]
         sd = f"{statistics.stdev(values):7.2f}" if len(values) > 1 else f"{'n/a':>7}"
-        lines.append(f"{stage:<22}{statistics.fmean(values):8.2f}{sd}   " + " ".join(f"{v:.1f}" for v in values))
+        lines.append(f"{stage:<32}{statistics.fmean(values):8.2f}{sd}   " + " ".join(f"{v:.1f}" for v in values))
     if any("pseudo_labels" in r for r in records):
         values = [100 * overall(r["pseudo_labels"], metric) for r in records if "pseudo_labels" in r]
-        lines.append(f"{'(pseudo-labels vs truth)':<22}{statistics.fmean(values):8.2f}")
-    lines += ["", f"{'paired difference':<36}{'mean [95 % CI]':>26}   n"]
+        lines.append(f"{'(pseudo-labels vs truth)':<32}{statistics.fmean(values):8.2f}")
+    lines += ["", f"{'paired difference':<52}{'mean [95 % CI]':>26}   n"]
     for stage, baseline in comparisons:
         values = paired_differences(records, stage, baseline, metric)
-        lines.append(f"{stage + ' - ' + baseline:<36}{_interval_text(values):>26}   {len(values)}")
+        lines.append(f"{stage + ' - ' + baseline:<52}{_interval_text(values):>26}   {len(values)}")
     width = max(28, *(len(a) + len(b) + 5 for a, b in comparisons))
     lines += ["", "per organ: paired difference, mean [95 % CI] over seeds"]
     lines.append(f"{'organ':<20}" + "".join(f"{a + ' - ' + b:>{width}}" for a, b in comparisons))
