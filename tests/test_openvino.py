@@ -195,3 +195,31 @@ def test_nsn_env_names_the_backend_the_precision_and_the_cpu_flags(capsys, monke
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("# inference on cpu:"))
     assert "backend openvino" in line and "precision fp32 (auto: NSN_CPU_BF16=0 set)" in line and "CPU flags" in line
+
+
+def test_each_fold_is_hashed_once_however_many_cases(tmp_path, monkeypatch):
+    """Two folds, three cases: the weights are hashed once per fold (not per fold and case, as a fold switch's
+    in-place copy would make the runner do), and each case still gets both folds' models (two cache entries)."""
+    from noisy_student_nnunet.inference import openvino_backend
+
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path / "cache"))
+    plans = mf.make_plans([2.0, 1.0, 1.0], [8, 16, 16], mf.tiny_architecture((2, 4)), dataset_name=DATASET)
+    folder = mf.build_model_folder(tmp_path / "model", plans, folds=(0, 1))
+    hashed = []
+    real_digest = openvino_backend.network_digest
+    monkeypatch.setattr(openvino_backend, "network_digest", lambda net: hashed.append(1) or real_digest(net))
+    predictor = LowFootprintPredictor(device=torch.device("cpu"), allow_tqdm=False, precision="fp32",
+                                      backend="openvino")
+    predictor.initialize_from_trained_model_folder(str(folder), (0, 1))
+    torch.manual_seed(0)
+    outputs = [predictor.predict_logits_from_preprocessed_data(torch.randn(1, 10, 20, 18)) for _ in range(3)]
+    assert len(hashed) == 2, len(hashed)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    # the fold average is right: the torch backend on the last case gives the same logits (fp16 sums)
+    reference = LowFootprintPredictor(device=torch.device("cpu"), allow_tqdm=False, precision="fp32")
+    reference.initialize_from_trained_model_folder(str(folder), (0, 1))
+    torch.manual_seed(0)
+    for _ in range(3):
+        data = torch.randn(1, 10, 20, 18)
+    expected = reference.predict_logits_from_preprocessed_data(data).float()
+    assert (outputs[-1].float() - expected).abs().max() <= 0.02 * expected.abs().max()

@@ -239,8 +239,8 @@ class OpenVinoRunner:
         _say(f"conversion took {time.perf_counter() - start:.1f} s")
         return model
 
-    def _request(self, network: torch.nn.Module):
-        digest = self._current_digest(network)
+    def _request(self, network: torch.nn.Module, digest: Optional[str] = None):
+        digest = digest or self._current_digest(network)
         if digest in self._compiled:
             if next(reversed(self._compiled)) != digest:
                 self._release_last()
@@ -278,14 +278,15 @@ class OpenVinoRunner:
             if callable(release):
                 release()
 
-    def prepare(self, network: torch.nn.Module) -> None:
-        """Convert or load, and compile, for the weights the network holds now (before the first patch)."""
-        self._request(network)
+    def prepare(self, network: torch.nn.Module, digest: Optional[str] = None) -> None:
+        """Convert or load, and compile, for the weights the network holds now (before the first patch).
+        ``digest``: :func:`network_digest` of those weights where the caller knows it (saves hashing them)."""
+        self._request(network, digest)
 
-    def __call__(self, network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, network: torch.nn.Module, x: torch.Tensor, digest: Optional[str] = None) -> torch.Tensor:
         if tuple(x.shape) != self.input_shape:
             raise NsnError(f"OpenVINO backend: patch of shape {tuple(x.shape)}, the network was converted for "
                            f"{self.input_shape}")
-        request = self._request(network)
+        request = self._request(network, digest)
         request.infer({0: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return torch.from_numpy(request.get_output_tensor(0).data.copy())

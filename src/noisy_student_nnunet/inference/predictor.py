@@ -178,6 +178,8 @@ class LowFootprintPredictor(nnUNetPredictor):
         self.backend: Backend = choose_backend(backend, self.device)
         self.model_folder: Optional[str] = None  #: where the OpenVINO cache goes beside the model
         self._openvino = None  # OpenVinoRunner, made at the first patch (it needs the input shape)
+        self._loaded_weights: Optional[dict] = None  # the entry of list_of_parameters the network holds now
+        self._digests: dict[int, tuple[dict, str]] = {}  # id(entry) -> (entry, its network_digest)
         print(f"LowFootprintPredictor: {self.precision.describe()}", flush=True)
         print(f"LowFootprintPredictor: {self.backend.describe()}", flush=True)
 
@@ -241,16 +243,30 @@ class LowFootprintPredictor(nnUNetPredictor):
                                             threads=min(torch.get_num_threads(), available_cores()))
         return self._openvino
 
+    def _weights_digest(self) -> Optional[str]:
+        """The OpenVINO cache key of the fold the network holds now, hashed once per fold and not once per case
+        (a fold switch rewrites every weight in place, so the runner alone would hash them all again for every
+        fold of every case). None where the weights did not come from our fold loop."""
+        entry = self._loaded_weights
+        if entry is None:
+            return None
+        known = self._digests.get(id(entry))
+        if known is None or known[0] is not entry:
+            from noisy_student_nnunet.inference.openvino_backend import network_digest
+
+            known = self._digests[id(entry)] = (entry, network_digest(self.network))
+        return known[1]
+
     def _prepare_backend(self, num_channels: int) -> None:
         """Convert/load and compile for the loaded weights before the sliding window's progress bar starts."""
         if self.backend.name == "openvino":
             shape = (1, num_channels, *[int(p) for p in self.configuration_manager.patch_size])
-            self._openvino_runner(shape).prepare(self.network)
+            self._openvino_runner(shape).prepare(self.network, self._weights_digest())
 
     def _run_network(self, x: torch.Tensor) -> torch.Tensor:
         """The network on one patch, in the chosen backend and precision."""
         if self.backend.name == "openvino":
-            return self._openvino_runner(tuple(x.shape))(self.network, x)
+            return self._openvino_runner(tuple(x.shape))(self.network, x, self._weights_digest())
         with self.precision.autocast():
             return self.network(x)
 
@@ -349,10 +365,12 @@ class LowFootprintPredictor(nnUNetPredictor):
         try:
             total = None
             for params in self.list_of_parameters:
+                self._loaded_weights = None  # while loading, the network holds no known fold
                 if not isinstance(self.network, OptimizedModule):
                     self.network.load_state_dict(params)
                 else:
                     self.network._orig_mod.load_state_dict(params)
+                self._loaded_weights = params
                 fold = self.predict_sliding_window_return_logits(data)
                 if not self._keep_on_device():
                     fold = fold.to("cpu")
@@ -365,6 +383,7 @@ class LowFootprintPredictor(nnUNetPredictor):
             if self.fold_combination == "softmax":
                 self._to_log_probabilities_(total)
         finally:
+            self._loaded_weights = None
             torch.set_num_threads(n_threads)
         if self.verbose:
             print("Prediction done")
