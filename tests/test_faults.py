@@ -339,3 +339,23 @@ def test_second_pipeline_on_one_work_folder_is_refused_naming_the_holder(world, 
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+@pytest.mark.parametrize("stopped_in", [".npz", ".pkl", ".nii.gz"])
+def test_a_full_disk_during_a_multi_file_export_names_the_file_being_written(tmp_path, stopped_in):
+    """``--save_probabilities`` writes .npz, .pkl, then the label map: the error names the one the disk filled in
+    (it named the label map whatever stopped), and no file, final or temporary, is left."""
+    import errno
+
+    from noisy_student_nnunet.inference.export import atomic_outputs
+    from noisy_student_nnunet.written import WriteFailed
+
+    suffixes = [".npz", ".pkl", ".nii.gz"]
+    with pytest.raises(WriteFailed) as failed:
+        with atomic_outputs(str(tmp_path / "case_001"), suffixes) as tmp:
+            for suffix in suffixes[: suffixes.index(stopped_in) + 1]:
+                Path(tmp + suffix).write_bytes(b"partial")
+                time.sleep(0.01)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert failed.value.path == tmp_path / f"case_001{stopped_in}"
+    assert list(tmp_path.iterdir()) == []

@@ -55,6 +55,10 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
+#: errnos of a full disk, a full quota or a file over the size limit: a machine fault (exit 3), not the user's input
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _os_error_message(error: OSError) -> str:
     reason = error.strerror or error_message(error)
     names = [str(n) for n in (error.filename, error.filename2) if n is not None]
@@ -68,7 +72,7 @@ def run_guarded(prog: str, func: Callable[[], int | None]) -> int:
     except NsnError as error:
         return _fail(prog, error_message(error), error.exit_code)
     except OSError as error:
-        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = error.errno in DISK_FULL_ERRNOS
         return _fail(prog, _os_error_message(error), EXIT_MACHINE_FAULT if full else EXIT_USAGE)
     except MemoryError:
         return _fail(prog, "out of memory (see the command's help for size options)", EXIT_USAGE)

@@ -42,11 +42,12 @@ def _holder(path: Path) -> str:
             f"{record.get('started')})")
 
 
-def lock_descriptor(fd: int, path: str | os.PathLike, what: str, pid: int | None = None) -> None:
-    """Lock the open file ``fd`` (the lock file ``path``) for this run, or raise FolderBusy naming the holder."""
+def lock_descriptor(fd: int, path: str | os.PathLike, what: str, pid: int | None = None, wait: bool = False) -> None:
+    """Lock the open file ``fd`` (the lock file ``path``) for this run, or raise FolderBusy naming the holder
+    (``wait``: block until the holder is done instead)."""
     path = Path(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         raise FolderBusy(f"{path.parent} is in use by {_holder(path)}: wait for that run to end or stop it "
                          f"(lock file {path})") from None
@@ -57,14 +58,15 @@ def lock_descriptor(fd: int, path: str | os.PathLike, what: str, pid: int | None
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> Iterator[Path]:
-    """Hold ``folder/name`` for the block (``what``: the command, for the message another run prints)."""
+def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME, wait: bool = False) -> Iterator[Path]:
+    """Hold ``folder/name`` for the block (``what``: the command, for the message another run prints; ``wait``:
+    block while another run holds it, else FolderBusy)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        lock_descriptor(fd, path, what)
+        lock_descriptor(fd, path, what, wait=wait)
         yield path
     finally:
         os.close(fd)

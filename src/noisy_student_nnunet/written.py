@@ -27,9 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from noisy_student_nnunet.errors import EXIT_MACHINE_FAULT, NsnError, error_message
+from noisy_student_nnunet.errors import DISK_FULL_ERRNOS, EXIT_MACHINE_FAULT, NsnError, error_message
 
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _HEADER_BYTES = 4096  # compressed bytes read to decompress a NIfTI header (348 or 540 bytes, plus extensions)
 
 
@@ -69,7 +68,7 @@ def writing(final: str | os.PathLike) -> Iterator[None]:
     except WriteFailed:
         raise
     except OSError as error:
-        if error.errno in _DISK_FULL_ERRNOS:
+        if error.errno in DISK_FULL_ERRNOS:
             raise WriteFailed(final, "no space left on device" if error.errno == errno.ENOSPC
                               else (error.strerror or error_message(error)).lower()) from None
         raise

@@ -176,8 +176,11 @@ def atomic_outputs(output_file_truncated: str, suffixes: Sequence[str]) -> Itera
     folder, base = os.path.split(output_file_truncated)
     tmp = os.path.join(folder, f".{base}.partial-{os.getpid()}")
     try:
-        with writing(output_file_truncated + suffixes[-1]):
+        try:
             yield tmp
+        except (OSError, RuntimeError) as error:
+            with writing(output_file_truncated + _being_written(tmp, suffixes)):  # WriteFailed if the disk is full
+                raise error
         for s in suffixes:  # SimpleITK returns without an error on a full disk: check before any rename
             if os.path.exists(tmp + s):
                 check_file(tmp + s, output_file_truncated + s)
@@ -188,6 +191,12 @@ def atomic_outputs(output_file_truncated: str, suffixes: Sequence[str]) -> Itera
     for s in suffixes:
         if os.path.exists(tmp + s):
             os.replace(tmp + s, output_file_truncated + s)
+
+
+def _being_written(tmp: str, suffixes: Sequence[str]) -> str:
+    """The suffix of the file a writer stopped in: the one of ``tmp + s`` changed last (the first if none is)."""
+    started = [(os.stat(tmp + s).st_mtime_ns, i) for i, s in enumerate(suffixes) if os.path.exists(tmp + s)]
+    return suffixes[max(started)[1]] if started else suffixes[0]
 
 
 def write_labels(labels: np.ndarray, output_file_truncated: str, plans_manager, dataset_json: dict,

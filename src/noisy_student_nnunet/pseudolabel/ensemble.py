@@ -75,11 +75,8 @@ class TeacherEnsemble:
         self.checkpoint_files = fold_checkpoints(self.model_dir, self.folds, checkpoint_name)
         self.device = torch.device(device) if isinstance(device, str) else device
         self.predictor = _new_predictor(self.device, use_mirroring, tile_step_size, progress, precision, backend)
-        try:
-            self.predictor.initialize_from_trained_model_folder(str(self.model_dir), self.folds, checkpoint_name)
-        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise NsnError(f"cannot load teacher checkpoints {checkpoint_name} in {self.model_dir}: {first}") from None
+        # a damaged or foreign checkpoint is already an NsnError naming the file (LowFootprintPredictor)
+        self.predictor.initialize_from_trained_model_folder(str(self.model_dir), self.folds, checkpoint_name)
         if self.label_manager.has_regions:
             raise NsnError(f"{self.model_dir}: region-based models are not supported (softmax averaging needs labels)")
         if self.num_classes > 255:

@@ -10,7 +10,6 @@ puts the preprocessed data in place and records the dataset in the labeled datas
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import math
@@ -24,7 +23,7 @@ import numpy as np
 
 from noisy_student_nnunet import validation
 from noisy_student_nnunet.errors import CaseError, NsnError
-from noisy_student_nnunet.locks import folder_lock
+from noisy_student_nnunet.locks import FolderBusy, folder_lock
 from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.written import WriteFailed
 from noisy_student_nnunet.io_checks import (InputCases, check_case_files, check_channels_read, group_case_files,
@@ -211,10 +210,9 @@ class FinalizeResult:
     preprocessed: Path
 
 
-def _setup(settings: PseudolabelSettings, output: str | None, load_model: bool, device: str = "cpu",
-           progress: bool = False):
-    """Resolve the settings, open the output dataset and (optionally) load the ensemble; fail fast."""
-    from noisy_student_nnunet.pseudolabel.ensemble import TeacherEnsemble, fold_checkpoints
+def _setup(settings: PseudolabelSettings, output: str | None):
+    """Resolve the settings, check the inputs and open the output dataset; fail fast, before any model is read."""
+    from noisy_student_nnunet.pseudolabel.ensemble import fold_checkpoints
 
     settings = settings.resolved()
     model_dir = settings.model_dir
@@ -232,12 +230,16 @@ def _setup(settings: PseudolabelSettings, output: str | None, load_model: bool, 
     inputs = list_input_cases(settings.images_dir, file_ending, num_channels,
                               labeled_case_ids(settings.labeled_dataset, file_ending))
     dataset = ds.open_output_dataset(output, settings.manifest(file_ending))  # a taken id fails here, before loading
-    ensemble = None
-    if load_model:
-        ensemble = TeacherEnsemble(model_dir, settings.folds, settings.checkpoint, device=device,
-                                   use_mirroring=settings.enable_tta, tile_step_size=settings.tile_step_size,
-                                   progress=False, precision=settings.precision, backend=settings.backend)
-    return settings, dataset, ensemble, inputs, model_json, plans_file
+    return settings, dataset, inputs, model_json, plans_file
+
+
+def _load_teachers(settings: PseudolabelSettings, device: str):
+    """The teacher ensemble (``settings`` resolved): checkpoints read, the predictor built."""
+    from noisy_student_nnunet.pseudolabel.ensemble import TeacherEnsemble
+
+    return TeacherEnsemble(settings.model_dir, settings.folds, settings.checkpoint, device=device,
+                           use_mirroring=settings.enable_tta, tile_step_size=settings.tile_step_size,
+                           progress=False, precision=settings.precision, backend=settings.backend)
 
 
 def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts: int = 1, part_id: int = 0,
@@ -247,10 +249,12 @@ def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts
     validation.parts(num_parts, part_id, "--num-parts", "--part-id")
     check_filter(keep_top, min_confidence)  # the filter applies at the end: refuse it before hours of work
     validation.at_least(num_processes, "-np", 1, "processes for --stock-preprocessing")
-    settings, dataset, ensemble, inputs, _, _ = _setup(settings, output, True, device, progress)
-    # one process per part: a second run of the same part is refused (naming the first); other parts go on
+    settings, dataset, inputs, _, _ = _setup(settings, output)
+    # one process per part: a second run of the same part is refused (naming the first) before it reads the
+    # teachers; other parts go on
     with folder_lock(dataset.raw_dir, f"nsn pseudolabel part {part_id}/{num_parts}",
                      f".nsn_pseudolabel_part{part_id}of{num_parts}.lock"):
+        ensemble = _load_teachers(settings, device)
         return _label_part(settings, dataset, ensemble, inputs, num_parts, part_id, progress, keep_top,
                            min_confidence, auto_finalize, num_processes)
 
@@ -341,16 +345,15 @@ def finalize(settings: PseudolabelSettings, output: str | None = None, keep_top:
     """
     check_filter(keep_top, min_confidence)
     if _opened is None:
-        settings, dataset, _, inputs, _, _ = _setup(settings, output, False)
+        settings, dataset, inputs, _, _ = _setup(settings, output)
     else:
         dataset, inputs = _opened  # from run_part: settings already resolved
     dataset.raw_dir.mkdir(parents=True, exist_ok=True)
-    with open(dataset.raw_dir / ".finalize.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait_for_lock else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return None
-        return _finalize_locked(settings, dataset, inputs, keep_top, min_confidence, num_processes)
+    try:
+        with folder_lock(dataset.raw_dir, "nsn pseudolabel finalize", ".finalize.lock", wait=wait_for_lock):
+            return _finalize_locked(settings, dataset, inputs, keep_top, min_confidence, num_processes)
+    except FolderBusy:  # another part is finalizing (only without wait_for_lock)
+        return None
 
 
 def _finalize_locked(settings: PseudolabelSettings, dataset: ds.OutputDataset, inputs: InputCases,
