@@ -250,6 +250,12 @@ def main() -> None:
             if done.get("fingerprint") == print_id and wanted <= set(done["stages"]):
                 print(f"{args.setting} seed {seed}: done ({path}), skipped", flush=True)
                 continue
+            seed_work = args.work / args.setting / f"seed{seed}"
+            if done.get("fingerprint") == print_id and not (seed_work / RESULTS_JSON).is_file():
+                # its main stages would be trained again, and their new scores would replace the committed ones
+                sys.exit(f"{args.setting} seed {seed}: {path} exists but its work folder {seed_work} does not hold "
+                         f"the finished demo; ablations run in the work folder of the run that wrote the file "
+                         f"(give --work), or move the file away to run the whole seed again")
             # ablations the file already has stay in it (their models resume from the work folder)
             kept = {stage.split("_", 1)[1] for stage in done.get("stages", {}) if stage.startswith("student_")}
             ablations = sorted(set(args.ablations) | (kept & set(ABLATIONS)) if done.get("fingerprint") == print_id
