@@ -146,24 +146,38 @@ def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
     for stage, baseline in comparisons:
         values = paired_differences(records, stage, baseline, metric)
         lines.append(f"{stage + ' - ' + baseline:<52}{_interval_text(values):>26}   {len(values)}")
-    width = max(28, *(len(a) + len(b) + 5 for a, b in comparisons))
     lines += ["", "per organ: paired difference, mean [95 % CI] over seeds"]
-    lines.append(f"{'organ':<20}" + "".join(f"{a + ' - ' + b:>{width}}" for a, b in comparisons))
-    for organ in ORGANS:
-        lines.append(f"{organ:<20}" + "".join(
-            f"{_interval_text(paired_differences(records, a, b, metric, organ=organ)):>{width}}"
-            for a, b in comparisons))
+    lines += _comparison_tables("organ", {organ: "" for organ in ORGANS}, comparisons,
+                                lambda organ, a, b: paired_differences(records, a, b, metric, organ=organ))
     cohorts = sorted({c for r in records for c in r.get("per_cohort", {})})
     if cohorts and cohorts != ["iid"]:
         lines += ["", "per cohort of the test set: paired difference, mean [95 % CI] over the seeds with such cases "
                       "(cases: test cases over all seeds)"]
-        lines.append(f"{'cohort':<24}{'cases':>6}" + "".join(f"{a + ' - ' + b:>{width}}" for a, b in comparisons))
-        for cohort in cohorts:
-            cases = sum(r["per_cohort"][cohort]["cases"] for r in records if cohort in r.get("per_cohort", {}))
-            lines.append(f"{cohort:<24}{cases:>6}" + "".join(
-                f"{_interval_text(paired_differences(records, a, b, metric, cohort=cohort)):>{width}}"
-                for a, b in comparisons))
+        cases = {cohort: str(sum(r["per_cohort"][cohort]["cases"] for r in records
+                                 if cohort in r.get("per_cohort", {}))) for cohort in cohorts}
+        lines += _comparison_tables("cohort", cases, comparisons,
+                                    lambda cohort, a, b: paired_differences(records, a, b, metric, cohort=cohort),
+                                    extra="cases")
     return "\n".join(lines)
+
+
+def _comparison_tables(row_title: str, rows: Mapping[str, str], comparisons: Sequence[tuple[str, str]],
+                       differences, extra: str = "", per_table: int = 4) -> list[str]:
+    """Rows x comparisons, at most ``per_table`` comparisons side by side (a line stays readable), each headed by
+    its stage over ``- baseline``; ``rows``: row name -> the ``extra`` column's text."""
+    lines: list[str] = []
+    for start in range(0, len(comparisons), per_table):
+        chunk = comparisons[start:start + per_table]
+        cell = max(26, *(2 + max(len(a), len(b) + 2) for a, b in chunk))
+        lead = f"{'':<24}{'':>6}" if extra else f"{'':<24}"
+        lines.append(lead + "".join(f"{a:>{cell}}" for a, _ in chunk))
+        lead = f"{row_title:<24}{extra:>6}" if extra else f"{row_title:<24}"
+        lines.append(lead + "".join(f"{'- ' + b:>{cell}}" for _, b in chunk))
+        for row, extra_text in rows.items():
+            lead = f"{row:<24}{extra_text:>6}" if extra else f"{row:<24}"
+            lines.append(lead + "".join(f"{_interval_text(differences(row, a, b)):>{cell}}" for a, b in chunk))
+        lines.append("")
+    return lines[:-1]
 
 
 def per_cohort(scores_by_stage: Mapping[str, CaseScores], case_cohorts: Mapping[str, str]) -> dict:
