@@ -184,6 +184,19 @@ def test_missing_student_checkpoint_is_a_clear_error(finetune_env, lowfootprint_
         trainer.load_student_weights()
 
 
+def test_a_damaged_source_checkpoint_is_one_line_naming_it(finetune_env, lowfootprint_plans, student_checkpoint,
+                                                            tmp_path, monkeypatch):
+    from noisy_student_nnunet.trainers import NoisyStudentFinetuneTrainer
+
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(student_checkpoint.read_bytes()[:5000])  # a copy that stopped early
+    monkeypatch.setenv(ENV_VAR, str(cut))
+    trainer = make_trainer(NoisyStudentFinetuneTrainer, lowfootprint_plans, 0)
+    trainer.initialize()
+    with pytest.raises(NsnError, match=rf"{cut}: damaged checkpoint \(5000 bytes"):
+        trainer.load_student_weights()
+
+
 # --- choosing the source -------------------------------------------------------------------------------------
 
 

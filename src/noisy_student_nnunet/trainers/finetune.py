@@ -30,6 +30,7 @@ import torch
 from torch._dynamo import OptimizedModule
 
 from noisy_student_nnunet.errors import NsnError
+from noisy_student_nnunet.model_files import load_checkpoint
 from noisy_student_nnunet.trainers.base import RecipeTrainer
 
 ENV_VAR = "NSN_FINETUNE_FROM"
@@ -155,7 +156,7 @@ class NoisyStudentFinetuneTrainer(RecipeTrainer):
         source = resolve_finetune_source(os.environ.get(ENV_VAR), nnUNet_results.get(),
                                          self.plans_manager.dataset_name, self.plans_manager.plans_name,
                                          self.configuration_name, self.fold)
-        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(source)  # damaged or foreign: one line naming the file
         load_full_weights(self._bare_network(), checkpoint, source)
         self.finetune_source = str(source)
         self.finetune_source_sha256 = sha256_of(source)
