@@ -8,7 +8,10 @@ models and on the same labeled, unlabeled and test phantoms, and changes one thi
 - ``teacher_augmentation``: the student trains under the teachers' augmentation (Table 4) instead of Table 5's
   stronger one, on the demo's pseudo-labels;
 - ``pool96``: 96 unlabeled phantoms instead of 24 (the demo's 24 plus 72 more of the same seed and setting),
-  pseudo-labeled by the demo's teacher folds.
+  pseudo-labeled by the demo's teacher folds;
+- ``long_student``: one of the method's own levers (issue 19, item 6): the student trains twice as many epochs on
+  the demo's pseudo-labels (its fine-tune unchanged); compare it with the demo's student and fine-tune, not with
+  the teacher trained as long, which has fewer iterations.
 
 Each lives in datasets of its own (a linked copy of the labeled phantoms, planned with the demo's recipe plus the
 change, and its pseudo-labeled dataset), so that nnU-Net's results folders never collide with the demo's. The
@@ -33,7 +36,7 @@ from noisy_student_nnunet.recipe import validate_recipe
 
 #: name -> (labeled copy id, pseudo-labeled id or None for the demo's own)
 ABLATIONS: dict[str, tuple[int, int | None]] = {"oracle": (994, 995), "teacher_augmentation": (996, None),
-                                                 "pool96": (997, 998)}
+                                                 "pool96": (997, 998), "long_student": (989, None)}
 DEMO_DATASET_ID, DEMO_PSEUDO_ID = 990, 991
 POOL = 96
 
@@ -112,6 +115,8 @@ def run_ablation(name: str, seed_work: Path, truth: Path, device: str) -> dict[s
     recipe = json.loads(json.dumps(demo_recipe))
     if name == "teacher_augmentation":
         recipe["student_augmentation"] = recipe["teacher_augmentation"]
+    elif name == "long_student":  # "training" is what the student trains by here (the fine-tune has its own)
+        recipe["training"]["num_epochs"] *= 2
     recipe["name"] = f"{recipe['name']}+ablation-{name}"
     recipe["student"]["pseudo_dataset"] = None
     recipe = validate_recipe(recipe)
