@@ -312,11 +312,18 @@ def test_second_pseudolabel_run_of_a_part_is_refused_and_a_killed_holder_leaves_
     try:
         done = pseudolabel(world, name, inputs=small)
         error_line(done, 2, f"pid {holder.pid} on {socket.gethostname()}", "a test holder", str(folder))
-        # another part is not blocked by part 0's lock
-        assert pseudolabel(world, name, "--num-parts", "2", "--part-id", "1", inputs=small).returncode == 0
+        # a part of another --num-parts would share out the cases differently: refused, naming the running part
+        done = pseudolabel(world, name, "--num-parts", "2", "--part-id", "1", inputs=small)
+        error_line(done, 2, "part 0/1 is running", f"pid {holder.pid}", "the same --num-parts (this run: 2)")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    other_part = _hold_lock(folder, ".nsn_pseudolabel_part0of2.lock")
+    try:  # another part of the same layout is not blocked
+        assert pseudolabel(world, name, "--num-parts", "2", "--part-id", "1", inputs=small).returncode == 0
+    finally:
+        other_part.send_signal(signal.SIGKILL)
+        other_part.wait()
     # the holder died by SIGKILL: its lock file (with its pid) stays, and does not block the rerun
     assert str(holder.pid) in (folder / ".nsn_pseudolabel_part0of1.lock").read_text()
     done = pseudolabel(world, name, inputs=small)

@@ -57,6 +57,22 @@ def lock_descriptor(fd: int, path: str | os.PathLike, what: str, pid: int | None
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
 
 
+def holder_if_held(path: str | os.PathLike) -> str | None:
+    """Who holds the lock file ``path`` now (as FolderBusy names it), or None where no run holds it. Probes by
+    taking the lock for an instant: a run that starts at that very instant is refused once and may retry."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(Path(path))
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return None
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME, wait: bool = False) -> Iterator[Path]:
     """Hold ``folder/name`` for the block (``what``: the command, for the message another run prints; ``wait``:

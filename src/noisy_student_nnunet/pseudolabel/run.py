@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 
 from noisy_student_nnunet import validation
 from noisy_student_nnunet.errors import CaseError, NsnError
-from noisy_student_nnunet.locks import FolderBusy, folder_lock
+from noisy_student_nnunet.locks import FolderBusy, folder_lock, holder_if_held
 from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.written import WriteFailed
 from noisy_student_nnunet.io_checks import (InputCases, check_case_files, check_channels_read, group_case_files,
@@ -250,13 +251,29 @@ def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts
     check_filter(keep_top, min_confidence)  # the filter applies at the end: refuse it before hours of work
     validation.at_least(num_processes, "-np", 1, "processes for --stock-preprocessing")
     settings, dataset, inputs, _, _ = _setup(settings, output)
+    _refuse_other_layouts(dataset.raw_dir, num_parts)
     # one process per part: a second run of the same part is refused (naming the first) before it reads the
     # teachers; other parts go on
-    with folder_lock(dataset.raw_dir, f"nsn pseudolabel part {part_id}/{num_parts}",
-                     f".nsn_pseudolabel_part{part_id}of{num_parts}.lock"):
+    with folder_lock(dataset.raw_dir, f"nsn pseudolabel part {part_id}/{num_parts}", _part_lock_name(part_id, num_parts)):
         ensemble = _load_teachers(settings, device)
         return _label_part(settings, dataset, ensemble, inputs, num_parts, part_id, progress, keep_top,
                            min_confidence, auto_finalize, num_processes)
+
+
+def _part_lock_name(part_id: int, num_parts: int) -> str:
+    return f".nsn_pseudolabel_part{part_id}of{num_parts}.lock"
+
+
+def _refuse_other_layouts(folder: Path, num_parts: int) -> None:
+    """A part of another --num-parts still running would share out the cases differently: two processes could
+    label one case at once. Refuse, naming it."""
+    for lock in sorted(folder.glob(".nsn_pseudolabel_part*of*.lock")):
+        found = re.fullmatch(r"\.nsn_pseudolabel_part(\d+)of(\d+)\.lock", lock.name)
+        if found and int(found[2]) != num_parts:
+            holder = holder_if_held(lock)
+            if holder:
+                raise FolderBusy(f"{folder}: part {found[1]}/{found[2]} is running ({holder}); every part of one run "
+                                 f"must use the same --num-parts (this run: {num_parts}): wait for it or stop it")
 
 
 def _label_part(settings: PseudolabelSettings, dataset: ds.OutputDataset, ensemble, inputs: InputCases,
