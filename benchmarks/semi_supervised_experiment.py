@@ -49,8 +49,8 @@ from recipe_ablation import apply_overrides, train_and_score_teacher
 from student_ablations import ABLATIONS, run_ablation
 
 from noisy_student_nnunet.demo import PHANTOM_SIZE, PLANS, RESULTS_JSON, demo_environment
-from noisy_student_nnunet.experiment_records import (case_scores, load_records, organ_means, per_cohort,
-                                                     summary_table, write_record)
+from noisy_student_nnunet.experiment_records import (case_scores, load_records, markdown_table, organ_means,
+                                                     per_cohort, summary_table, write_record)
 from noisy_student_nnunet.pseudolabel.dataset import link_or_copy
 
 #: bump when the experiment's procedure changes what a seed's file means (old files are then rerun, not reused)
@@ -230,6 +230,8 @@ def main() -> None:
                         help="where the per-seed files go (SETTING/seedN.json; default docs/experiments)")
     parser.add_argument("--summarize", action="store_true",
                         help="only recompute the summary from the result files (every file of the setting)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="with --summarize: also print the paired differences as a Markdown table")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the teacher trained as many iterations as student + fine-tune")
     parser.add_argument("--ablations", nargs="+", default=[], choices=sorted(ABLATIONS),
@@ -279,6 +281,8 @@ def main() -> None:
     print("\n" + text)
     if records:
         (folder / "summary.txt").write_text(text + "\n")
+        if args.markdown:
+            print("\n" + markdown_table(records))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import statistics
 import pytest
 from scipy import stats
 
-from noisy_student_nnunet.experiment_records import (ORGANS, load_records, organ_means, paired_differences,
-                                                     per_cohort, summary_table, t_interval, write_record)
+from noisy_student_nnunet.experiment_records import (ORGANS, load_records, markdown_table, organ_means,
+                                                     paired_differences, per_cohort, summary_table, t_interval,
+                                                     write_record)
 
 
 def stage(dsc: float, liver: float | None = None) -> dict:
@@ -52,6 +53,8 @@ def test_files_round_trip_and_the_summary_names_every_comparison_and_cohort(tmp_
     liver = next(line for line in text.splitlines() if line.startswith("liver "))
     assert liver.split()[1:] == ["+20.00", "[+20.00,", "+20.00]"], liver  # both seeds: fine-tuned 0.2 above
     assert max(len(line) for line in text.splitlines()[2:]) <= 140  # tables of at most 4 comparisons
+    markdown = markdown_table(load_records(tmp_path, fingerprint="f"))
+    assert markdown.splitlines()[2] == "| `finetuned` − `teacher` | +10.77 [+10.77, +10.77] | 2 | +10.8 +10.8 |"  # 0.1 + 0.1/13 each
 
 
 def test_organ_means_leave_out_undefined_values_and_group_by_cohort():

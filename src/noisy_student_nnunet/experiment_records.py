@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -118,6 +119,38 @@ def _interval_text(values: Sequence[float]) -> str:
     return f"{mean:+6.2f} [{low:+6.2f}, {high:+6.2f}]"
 
 
+def stages_of(records: Sequence[dict]) -> list[str]:
+    """The stages any file has: :data:`STAGES` first, then the ablations' (sorted)."""
+    return [s for s in (*STAGES, *sorted({s for r in records for s in r["stages"]} - set(STAGES)))
+            if any(s in r["stages"] for r in records)]
+
+
+def comparisons_of(stages: Sequence[str]) -> list[tuple[str, str]]:
+    """:data:`COMPARISONS` where both stages exist, then each ablation against the demo's own stage of its kind
+    (``student_NAME - student``, ``finetuned_NAME - finetuned``) and each fine-tuned ablation against the teacher
+    trained as long."""
+    comparisons = [c for c in COMPARISONS if c[0] in stages and c[1] in stages]
+    for ablation in (s for s in stages if s not in STAGES):
+        kind = ablation.split("_")[0]
+        comparisons += [(ablation, b) for b in (kind, "teacher_as_long") if b in stages and (b == kind or
+                                                                                          kind == "finetuned")]
+    return comparisons
+
+
+def markdown_table(records: Sequence[dict], metric: str = "DSC") -> str:
+    """The paired differences as a Markdown table (for the README and docs, pasted from this output): overall
+    mean [95 % CI] over seeds, the number of seeds and each seed's value."""
+    lines = [f"| paired difference ({metric} points, 13-organ mean) | mean [95 % CI] | seeds | per seed |",
+             "|---|---|---|---|"]
+    for stage, baseline in comparisons_of(stages_of(records)):
+        values = paired_differences(records, stage, baseline, metric)
+        if values:
+            cell = re.sub(r"\[\s+", "[", re.sub(r"\s+", " ", _interval_text(values).strip()))
+            lines.append(f"| `{stage}` − `{baseline}` | {cell} | {len(values)} | "
+                         + " ".join(f"{v:+.1f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
 def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
     """The summary: each stage's mean, then every comparison's paired difference with its 95 % interval, overall,
     per organ and (where the files have cohorts) per cohort of the test set."""
@@ -125,13 +158,8 @@ def summary_table(records: Sequence[dict], metric: str = "DSC") -> str:
         return "no result files"
     setting = records[0]["setting"]
     seeds = [r["seed"] for r in records]
-    stages = [s for s in (*STAGES, *sorted({s for r in records for s in r["stages"]} - set(STAGES)))
-              if any(s in r["stages"] for r in records)]
-    comparisons = [c for c in COMPARISONS if c[0] in stages and c[1] in stages]
-    for ablation in (s for s in stages if s not in STAGES):  # student_NAME, finetuned_NAME: against the demo's own
-        kind = ablation.split("_")[0]
-        comparisons += [(ablation, b) for b in (kind, "teacher_as_long") if b in stages and (b == kind or
-                                                                                          kind == "finetuned")]
+    stages = stages_of(records)
+    comparisons = comparisons_of(stages)
     lines = [f"setting {setting}: {len(records)} seeds ({', '.join(map(str, seeds))}); {metric} in points, mean over "
              f"the 13 organs and each seed's test cases; intervals: 95 % Student t over seeds, paired by seed", ""]
     lines.append(f"{'stage':<32}{'mean':>8}{'sd':>7}   per seed")
