@@ -309,3 +309,29 @@ def test_label_maps_read_as_nibabel_reads_them(tmp_path, image_class, suffix):
     stock = nib.load(path)
     assert np.array_equal(labels, np.asanyarray(stock.dataobj)) and labels.dtype == np.uint8
     assert zooms == pytest.approx((0.8, 0.7, 2.5)) and np.allclose(read_affine, stock.affine)
+
+
+@pytest.mark.parametrize("dtype,scaled", [("<i2", False), (">i2", False), ("<f4", False), ("<u1", True)])
+def test_compressed_label_maps_of_any_type_read_as_nibabel_reads_them(tmp_path, dtype, scaled):
+    """The array comes straight out of the decompressed bytes (one copy of the file in memory, not two): other
+    types, big-endian data and a rotated affine read as nibabel reads them; scaled data goes through nibabel."""
+    from noisy_student_nnunet.evaluation import _array_in_bytes, load_label_image
+    from noisy_student_nnunet.io_checks import read_gzip_stream
+
+    data = np.random.default_rng(5).integers(0, 14, (9, 11, 7)).astype(np.dtype(dtype))
+    a = np.deg2rad(20)
+    affine = np.array([[0.8 * np.cos(a), -0.7 * np.sin(a), 0, -10], [0.8 * np.sin(a), 0.7 * np.cos(a), 0, 4],
+                       [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_data_dtype(np.dtype(dtype))
+    if scaled:
+        image.header.set_slope_inter(1.0, 1.0)  # every stored value + 1
+    path = tmp_path / "case.nii.gz"
+    nib.save(image, path)
+    in_bytes = _array_in_bytes(read_gzip_stream(path))
+    assert (in_bytes is None) == scaled
+    assert in_bytes is None or not in_bytes[0].flags.owndata  # a view of the decompressed bytes, not a copy
+    labels, zooms, read_affine = load_label_image(path)
+    stock = nib.load(path)
+    assert np.array_equal(labels, np.asanyarray(stock.dataobj).astype(np.uint8))
+    assert zooms == pytest.approx(stock.header.get_zooms()) and np.allclose(read_affine, stock.affine)

@@ -176,6 +176,27 @@ def _nifti_from_bytes(content: bytes):
     return image_class.from_bytes(content)
 
 
+def _array_in_bytes(content: bytes) -> tuple[np.ndarray, tuple[float, ...], np.ndarray] | None:
+    """The voxel array of a decompressed NIfTI as a view into ``content`` (no second copy of the file in memory),
+    with zooms and affine; None where nibabel's own reading is needed (scaled data, a short file)."""
+    import io
+    import math
+
+    import nibabel as nib
+
+    sizes = {int.from_bytes(content[:4], order) for order in ("little", "big")}
+    header = (nib.Nifti2Header if 540 in sizes else nib.Nifti1Header).from_fileobj(io.BytesIO(content))
+    slope, inter = header.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        return None
+    dtype, shape, offset = header.get_data_dtype(), header.get_data_shape(), int(header.get_data_offset())
+    count = math.prod(shape)
+    if offset + count * dtype.itemsize > len(content):
+        return None
+    data = np.frombuffer(content, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+    return data, tuple(float(z) for z in header.get_zooms()), np.asarray(header.get_best_affine(), dtype=np.float64)
+
+
 def _read_label_array(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     """The stored array (its own dtype, nibabel axis order), header spacing and affine; CaseError naming the
     file when it is truncated, unreadable or not 3D."""
@@ -186,10 +207,14 @@ def _read_label_array(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float,
     # an error), then parsed from memory
     content = read_gzip_stream(path) if path.name.endswith(".gz") else None
     try:
-        image = nib.load(str(path)) if content is None else _nifti_from_bytes(content)
-        data = np.asanyarray(image.dataobj)
-        zooms = tuple(float(z) for z in image.header.get_zooms())
-        affine = np.asarray(image.affine, dtype=np.float64)
+        found = None if content is None else _array_in_bytes(content)
+        if found is not None:
+            data, zooms, affine = found
+        else:
+            image = nib.load(str(path)) if content is None else _nifti_from_bytes(content)
+            data = np.asanyarray(image.dataobj)
+            zooms = tuple(float(z) for z in image.header.get_zooms())
+            affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:  # nibabel raises many types for unreadable files
         raise CaseError(f"{path}: cannot read label map: {error_message(error)}") from None
     while data.ndim > 3 and data.shape[-1] == 1:
