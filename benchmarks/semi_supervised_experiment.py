@@ -51,6 +51,7 @@ from student_ablations import ABLATIONS, run_ablation
 from noisy_student_nnunet.demo import PHANTOM_SIZE, PLANS, RESULTS_JSON, demo_environment
 from noisy_student_nnunet.experiment_records import (case_scores, load_records, markdown_table, organ_means,
                                                      per_cohort, summary_table, write_record)
+from noisy_student_nnunet.experiment_plot import plot_differences
 from noisy_student_nnunet.pseudolabel.dataset import link_or_copy
 
 #: bump when the experiment's procedure changes what a seed's file means (old files are then rerun, not reused)
@@ -281,6 +282,7 @@ def main() -> None:
     print("\n" + text)
     if records:
         (folder / "summary.txt").write_text(text + "\n")
+        print(f"plot: {plot_differences(records, folder / 'summary.png')}")
         if args.markdown:
             print("\n" + markdown_table(records))
 

@@ -53,6 +53,10 @@ def test_files_round_trip_and_the_summary_names_every_comparison_and_cohort(tmp_
     liver = next(line for line in text.splitlines() if line.startswith("liver "))
     assert liver.split()[1:] == ["+20.00", "[+20.00,", "+20.00]"], liver  # both seeds: fine-tuned 0.2 above
     assert max(len(line) for line in text.splitlines()[2:]) <= 140  # tables of at most 4 comparisons
+    from noisy_student_nnunet.experiment_plot import plot_differences
+
+    png = plot_differences(load_records(tmp_path, fingerprint="f"), tmp_path / "summary.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*partial*"))
     markdown = markdown_table(load_records(tmp_path, fingerprint="f"))
     assert markdown.splitlines()[2] == "| `finetuned` − `teacher` | +10.77 [+10.77, +10.77] | 2 | +10.8 +10.8 |"  # 0.1 + 0.1/13 each
 
