@@ -321,9 +321,7 @@ class LowFootprintPredictor(nnUNetPredictor):
                     prediction = self._internal_maybe_mirror_and_predict(workon)[0].to(results_device)
                     if self.use_gaussian:
                         prediction *= gaussian
-                    # to fp16 first: on the CPU an fp16 += fp32 into a strided view is 3x slower than fp16 += fp16
-                    # (measured, 14 x 40 x 224 x 192 patch, 2 cores: 130 ms against 44 ms with the conversion)
-                    predicted_logits[sl] += prediction.to(predicted_logits.dtype)
+                    predicted_logits[sl] += prediction
                     n_predictions[sl[1:]] += gaussian
                     queue.task_done()
                     pbar.update()
