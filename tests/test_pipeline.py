@@ -206,6 +206,13 @@ def _kill_during(args: list[str], env: dict[str, str], log: Path, stage: str, pr
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert alive and started.match(lines[-1]), f"stage {stage} was over before the kill: {lines[-3:]}"
+    # the steps die a moment after the shell; until the last one has, it holds the work folder's lock (inherited)
+    # and a rerun is refused naming it, as it should be: wait for that, as a user would
+    from noisy_student_nnunet.locks import LOCK_NAME, holder_if_held
+
+    deadline = time.monotonic() + 60
+    while holder_if_held(log.parents[1] / LOCK_NAME) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _epoch(checkpoint: Path) -> int:
