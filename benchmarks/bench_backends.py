@@ -199,32 +199,41 @@ def mixed_folder(root: Path, n: int = 10) -> Path:
 # --- labels of a trained model ------------------------------------------------------------------------------
 
 
-def trained_labels(results: Path, dataset: str, model_dir: str, images: Path, work: Path) -> dict:
+#: name -> (extra arguments of nnUNetv2_predict_lowfootprint, extra environment); torch_fp32 is the reference
+TRAINED_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "torch_fp32": (["--backend", "torch", "--precision", "fp32"], {}),
+    "openvino_fp32": (["--backend", "openvino", "--precision", "fp32"], {}),
+    "openvino_auto": (["--backend", "openvino"], {}),
+    "torch_auto": (["--backend", "torch"], {}),
+}
+
+
+def trained_labels(results: Path, dataset: str, model_dir: str, images: Path, work: Path,
+                   variants: dict[str, tuple[list[str], dict[str, str]]] = TRAINED_VARIANTS) -> dict:
     """Per organ Dice of each backend/precision against torch fp32, pooled over the images (the guard)."""
     env = {**nnunet_env(work, results), "NSN_OPENVINO_CACHE": str(work / "ov_cache_trained")}
     env.pop("NSN_CPU_BF16", None)
-    variants = {"torch_fp32": ["--backend", "torch", "--precision", "fp32"],
-                "openvino_fp32": ["--backend", "openvino", "--precision", "fp32"],
-                "openvino_auto": ["--backend", "openvino"], "torch_auto": ["--backend", "torch"]}
     import subprocess
 
     maps = {}
-    for name, extra in variants.items():
+    for name, (extra, extra_env) in {"torch_fp32": TRAINED_VARIANTS["torch_fp32"], **variants}.items():
         out = work / f"trained_{name}"
         shutil.rmtree(out, ignore_errors=True)
         command = [OURS, *_common_args(images, dataset, model_dir), *extra, "-o", str(out)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        started = time.perf_counter()
+        done = subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)}: {done.stderr[-2000:]}")
         precision = [line for line in done.stdout.splitlines() if "precision" in line][:1]
-        maps[name] = ({p.name: read_labels(p) for p in sorted(out.glob("*.nii.gz"))}, precision)
+        maps[name] = ({p.name: read_labels(p) for p in sorted(out.glob("*.nii.gz"))}, precision,
+                      time.perf_counter() - started, done.stdout)
     labels = json.loads((results / dataset / model_dir / "dataset.json").read_text())["labels"]
     organs = {int(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
     import numpy as np
 
     reference = maps["torch_fp32"][0]
     rows = []
-    for name, (cases, precision) in maps.items():
+    for name, (cases, precision, seconds, stdout) in maps.items():
         if name == "torch_fp32":
             continue
         ref = np.concatenate([reference[c].ravel() for c in sorted(reference)])
@@ -233,7 +242,8 @@ def trained_labels(results: Path, dataset: str, model_dir: str, images: Path, wo
         present = {organs[c]: d for c, d in dice.items() if d == d}
         rows.append({"run": name, "precision": precision[0] if precision else "", "cases": len(reference),
                      "min_dice": min(present.values()), "worst_organ": min(present, key=present.get),
-                     "voxels_equal": float((got == ref).mean()), "dice": present})
+                     "voxels_equal": float((got == ref).mean()), "dice": present, "wall_s": seconds,
+                     "stdout": stdout})
     return {"rows": rows}
 
 
