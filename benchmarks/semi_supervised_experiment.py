@@ -52,6 +52,7 @@ from noisy_student_nnunet.demo import PHANTOM_SIZE, PLANS, RESULTS_JSON, demo_en
 from noisy_student_nnunet.experiment_records import (case_scores, load_records, markdown_table, organ_means,
                                                      per_cohort, summary_table, write_record)
 from noisy_student_nnunet.experiment_plot import plot_differences
+from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.pseudolabel.dataset import link_or_copy
 
 #: bump when the experiment's procedure changes what a seed's file means (old files are then rerun, not reused)
@@ -169,12 +170,17 @@ def fingerprint(setting: str, demo_args: list[str], control: bool) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def seed_folder(work: Path, setting: str, seed: int) -> Path:
+    """Where one seed's ``nsn demo`` and ablations run (kept: ablations resume there)."""
+    return (work / setting / f"seed{seed}").resolve()
+
+
 def run_seed(setting: str, seed: int, work: Path, demo_args: list[str], control: bool, print_id: str,
              ablations: list[str]) -> dict:
     """Everything of one seed (resumes a half-done work folder), ``ablations`` included; its result record."""
     from noisy_student_nnunet.evaluation import evaluate_folders
 
-    seed_work = (work / setting / f"seed{seed}").resolve()
+    seed_work = seed_folder(work, setting, seed)
     nsn = str(Path(sys.executable).parent / "nsn")
     started = time.monotonic()
     cmd = [nsn, "demo", "-w", str(seed_work), "--seed", str(seed), "--setting", setting, *demo_args]
@@ -253,7 +259,7 @@ def main() -> None:
             if done.get("fingerprint") == print_id and wanted <= set(done["stages"]):
                 print(f"{args.setting} seed {seed}: done ({path}), skipped", flush=True)
                 continue
-            seed_work = args.work / args.setting / f"seed{seed}"
+            seed_work = seed_folder(args.work, args.setting, seed)
             if done.get("fingerprint") == print_id and not (seed_work / RESULTS_JSON).is_file():
                 # its main stages would be trained again, and their new scores would replace the committed ones
                 sys.exit(f"{args.setting} seed {seed}: {path} exists but its work folder {seed_work} does not hold "
@@ -281,7 +287,7 @@ def main() -> None:
     text = summary_table(records)
     print("\n" + text)
     if records:
-        (folder / "summary.txt").write_text(text + "\n")
+        atomic_write_text(folder / "summary.txt", text + "\n")
         print(f"plot: {plot_differences(records, folder / 'summary.png')}")
         if args.markdown:
             print("\n" + markdown_table(records))

@@ -167,13 +167,17 @@ def score_structure(
     return dsc, nsd
 
 
-def _nifti_from_bytes(content: bytes):
-    """A NIfTI-1 or NIfTI-2 image parsed from its decompressed bytes (``sizeof_hdr`` tells which)."""
+def _nifti_image_class(content: bytes):
+    """``Nifti1Image`` or ``Nifti2Image`` for decompressed NIfTI bytes (``sizeof_hdr`` tells which)."""
     import nibabel as nib
 
     sizes = {int.from_bytes(content[:4], order) for order in ("little", "big")}
-    image_class = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
-    return image_class.from_bytes(content)
+    return nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+
+
+def _nifti_from_bytes(content: bytes):
+    """A NIfTI-1 or NIfTI-2 image parsed from its decompressed bytes."""
+    return _nifti_image_class(content).from_bytes(content)
 
 
 def _array_in_bytes(content: bytes) -> tuple[np.ndarray, tuple[float, ...], np.ndarray] | None:
@@ -182,10 +186,7 @@ def _array_in_bytes(content: bytes) -> tuple[np.ndarray, tuple[float, ...], np.n
     import io
     import math
 
-    import nibabel as nib
-
-    sizes = {int.from_bytes(content[:4], order) for order in ("little", "big")}
-    header = (nib.Nifti2Header if 540 in sizes else nib.Nifti1Header).from_fileobj(io.BytesIO(content))
+    header = _nifti_image_class(content).header_class.from_fileobj(io.BytesIO(content))
     slope, inter = header.get_slope_inter()
     if slope not in (None, 1.0) or inter not in (None, 0.0):
         return None

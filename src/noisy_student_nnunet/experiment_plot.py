@@ -12,6 +12,7 @@ from typing import Sequence
 
 from noisy_student_nnunet.experiment_records import (ORGANS, comparisons_of, paired_differences, stages_of,
                                                      t_interval)
+from noisy_student_nnunet.outputs import atomic_file
 
 HEADLINE = ("finetuned", "teacher_as_long")
 
@@ -43,16 +44,17 @@ def plot_differences(records: Sequence[dict], path: str | Path, metric: str = "D
     overall = [paired_differences(records, a, b, metric) for a, b in comparisons]
     per_organ = [paired_differences(records, *HEADLINE, metric, organ=organ) for organ in ORGANS]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.0, 0.32 * max(len(comparisons), len(ORGANS)) + 1.5)))
-    labels = [f"{a} - {b}" + (f" (n={len(v)})" if len(v) < len(records) else "") for (a, b), v in zip(comparisons, overall)]
+    labels = [f"{a} - {b}" + (f" (n={len(values)})" if len(values) < len(records) else "")
+              for (a, b), values in zip(comparisons, overall)]
     _rows(left, labels, overall, "all comparisons, 13-organ mean")
     _rows(right, list(ORGANS), per_organ, f"{HEADLINE[0]} - {HEADLINE[1]}, per organ")
     seeds = sorted({r["seed"] for r in records})
     fig.suptitle(f"setting {records[0]['setting']}: {len(seeds)} seeds; mean and 95 % interval over seeds "
                  f"(grey: single seeds)", fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(partial, dpi=110)
-    plt.close(fig)
-    partial.replace(path)
-    return path
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)

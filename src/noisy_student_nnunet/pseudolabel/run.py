@@ -254,10 +254,14 @@ def run_part(settings: PseudolabelSettings, output: str | None = None, num_parts
     _refuse_other_layouts(dataset.raw_dir, num_parts)
     # one process per part: a second run of the same part is refused (naming the first) before it reads the
     # teachers; other parts go on
-    with folder_lock(dataset.raw_dir, f"nsn pseudolabel part {part_id}/{num_parts}", _part_lock_name(part_id, num_parts)):
+    with folder_lock(dataset.raw_dir, f"nsn pseudolabel part {part_id}/{num_parts}",
+                     _part_lock_name(part_id, num_parts)):
         ensemble = _load_teachers(settings, device)
         return _label_part(settings, dataset, ensemble, inputs, num_parts, part_id, progress, keep_top,
                            min_confidence, auto_finalize, num_processes)
+
+
+_PART_LOCK = re.compile(r"\.nsn_pseudolabel_part(\d+)of(\d+)\.lock")  #: what _part_lock_name makes
 
 
 def _part_lock_name(part_id: int, num_parts: int) -> str:
@@ -267,8 +271,8 @@ def _part_lock_name(part_id: int, num_parts: int) -> str:
 def _refuse_other_layouts(folder: Path, num_parts: int) -> None:
     """A part of another --num-parts still running would share out the cases differently: two processes could
     label one case at once. Refuse, naming it."""
-    for lock in sorted(folder.glob(".nsn_pseudolabel_part*of*.lock")):
-        found = re.fullmatch(r"\.nsn_pseudolabel_part(\d+)of(\d+)\.lock", lock.name)
+    for lock in sorted(folder.glob(".nsn_pseudolabel_part*.lock")):
+        found = _PART_LOCK.fullmatch(lock.name)
         if found and int(found[2]) != num_parts:
             holder = holder_if_held(lock)
             if holder:
