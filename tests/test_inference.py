@@ -197,10 +197,12 @@ def test_preprocessing_equals_stock(tmp_path, plans_spacing, transpose):
         assert props[key] == ref_props[key], key
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("order", [0, 1, 3])
-@pytest.mark.parametrize("new_shape", [(13, 29, 31), (41, 90, 70)])
-def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape):
-    """The lean 3D path (no separate z) against stock ``resample_data_or_seg``, down- and upsampling."""
+@pytest.mark.parametrize("new_shape", [(13, 29, 31), (41, 90, 70), (2, 61, 58)])
+def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape, threads):
+    """The lean 3D path (no separate z) against stock ``resample_data_or_seg``, down- and upsampling, in one
+    thread and in several (each filters its own lines and interpolates its own output rows)."""
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
 
     from noisy_student_nnunet.inference.preprocessing import resample_3d_lean
@@ -208,9 +210,59 @@ def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape):
     data = np.random.default_rng(order).normal(size=(2, 27, 61, 58)).astype(np.float32)
     data[:, :3] = 7.0  # flat regions: clipping to the input range matters
     ref = resample_data_or_seg(data, new_shape, is_seg=False, order=order, do_separate_z=False)
-    ours = resample_3d_lean(data, new_shape, order)
+    ours = resample_3d_lean(data, new_shape, order, threads)
     assert ours.dtype == ref.dtype == np.float32
     np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_crop_to_nonzero_without_filling_holes_equals_stock(seed):
+    """Stock fills the nonzero mask's holes before taking its box; the lean crop does not, and must crop alike:
+    zero borders, zero holes inside, several channels, nothing nonzero at all, nothing zero at all."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+
+    from noisy_student_nnunet.inference.preprocessing import crop_to_nonzero_lean
+
+    rng = np.random.default_rng(seed)
+    data = np.zeros((2, 20, 30, 25), np.float32)
+    lo = rng.integers(0, 8, 3)
+    hi = lo + rng.integers(3, 12, 3)
+    data[seed % 2, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.normal(size=tuple(hi - lo)) + 3
+    data[:, (lo[0] + hi[0]) // 2, (lo[1] + hi[1]) // 2, lo[2]:hi[2]] = 0  # a zero hole through the middle
+    if seed == 10:
+        data[:] = 0
+    if seed == 11:
+        data[:] = -1000
+    ref, _, ref_box = crop_to_nonzero(data.copy(), None)
+    ours, box = crop_to_nonzero_lean(data.copy())
+    assert box == ref_box
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_preprocessing_of_a_zero_bordered_image_equals_stock(tmp_path, use_mask):
+    """An MR-like image (zero outside the body, zero holes inside) with z-score normalization: without
+    use_mask_for_norm the lean crop runs, with it stock's (the filled mask is read); both equal stock's output."""
+    import SimpleITK as sitk
+
+    volume = mf.ct_like_volume((24, 60, 56), seed=7).astype(np.float32) + 1000  # air -> about 0
+    volume[volume < 300] = 0
+    volume[12, 30, 20:30] = 0
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((0.9, 0.9, 1.4))
+    path = tmp_path / "mr_0000.nii.gz"
+    sitk.WriteImage(image, str(path))
+    plans = mf.make_plans([2.0, 1.5, 1.5], [32, 64, 64])
+    configuration = plans["configurations"][mf.CONFIGURATION]
+    configuration["normalization_schemes"] = ["ZScoreNormalization"]
+    configuration["use_mask_for_norm"] = [use_mask]
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(mf.CONFIGURATION)
+    dj = mf.make_dataset_json()
+    ref, _, ref_props = DefaultPreprocessor(verbose=False).run_case([str(path)], None, pm, cm, dj)
+    ours, props = preprocess_case([str(path)], None, pm, cm, dj, threads=2)
+    np.testing.assert_array_equal(ours, ref)
+    assert props["bbox_used_for_cropping"] == ref_props["bbox_used_for_cropping"]
 
 
 # ----------------------------------------------------------------------------- logits, folds, Python API

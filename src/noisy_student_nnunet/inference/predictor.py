@@ -96,10 +96,12 @@ def iterate_preprocessed_cases(
     configuration_manager,
     num_workers: int,
     verbose: bool = False,
+    resample_threads: int = 1,
 ) -> Iterator[dict]:
     """Yield ``{'data', 'data_properties', 'ofile'}`` per case, in order (the items stock's iterators yield).
 
     ``num_workers`` threads preprocess ahead of the consumer, at most that many cases at a time; 0 runs inline.
+    ``resample_threads``: threads of each case's 3D resampling (:func:`preprocess_case`).
     A case whose input fails the checks or the reader yields ``{'error': one line naming the file, 'ofile',
     'case'}`` instead, so that one bad case does not stop the others.
     """
@@ -117,7 +119,7 @@ def iterate_preprocessed_cases(
         prev_stage = seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None
         check_case_files(list_of_lists[i], num_channels)  # a truncated .nii.gz reads "fine" otherwise
         data, properties = preprocess_case(list_of_lists[i], prev_stage, plans_manager, configuration_manager,
-                                           dataset_json, verbose)
+                                           dataset_json, verbose, resample_threads)
         if prev_stage is None:
             check_channels_read(list_of_lists[i], data.shape[0], num_channels)  # a 4D file holds several
         if not np.isfinite(data).all():
@@ -523,7 +525,8 @@ class LowFootprintPredictor(nnUNetPredictor):
                                                             num_processes: int):
         return iterate_preprocessed_cases(input_list_of_lists, seg_from_prev_stage_files,
                                           output_filenames_truncated, self.plans_manager, self.dataset_json,
-                                          self.configuration_manager, num_processes, self.verbose_preprocessing)
+                                          self.configuration_manager, num_processes, self.verbose_preprocessing,
+                                          resample_threads=min(torch.get_num_threads(), available_cores()))
 
     def predict_from_files_sequential(self,
                                       list_of_lists_or_source_folder: Union[str, List[List[str]]],

@@ -13,6 +13,14 @@ nonzero mask (then discarded by the predictor), and its resampling makes whole-v
   written once into the padded float64 array, prefiltered in place and interpolated by scipy's own routine
   (:func:`resize_3d_lean`): 8 bytes per input voxel.
 
+And it is faster where stock is slow on a clinical CT (523 x 433 x 269 voxels: preprocessing took half the
+network's time, issue 20):
+
+- the 3D path's spline prefilter and interpolation run in ``threads`` threads (scipy releases the GIL): each
+  thread filters its own block of lines, or interpolates its own block of output rows, with the same arithmetic;
+- cropping to the nonzero region skips stock's ``binary_fill_holes`` of the whole volume (1.5 s) when nothing
+  reads the filled mask (:func:`crop_to_nonzero_lean`).
+
 :func:`preprocess_case` runs the same steps (transpose, crop to nonzero, normalise, resample) with the same
 functions. The output is equal to stock's bit for bit (tested). Anything else (custom preprocessors, other
 resampling functions, order_z != 0, cascades) runs stock's code.
@@ -20,7 +28,8 @@ resampling functions, order_z != 0, cascades) runs stock's code.
 
 from __future__ import annotations
 
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -89,10 +98,33 @@ def _zoom_shift():
         return None
 
 
-def _edge_padded_float64(channel: np.ndarray, pad: int) -> np.ndarray:
+def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of at most ``parts`` nearly equal blocks of ``range(n)``."""
+    edges = np.linspace(0, n, max(1, min(parts, n)) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _run_all(calls: Sequence[Callable[[], object]], threads: int) -> None:
+    """Run every call, in ``threads`` threads where there are several (the work is numpy/scipy C code that
+    releases the GIL); exceptions propagate."""
+    if threads <= 1 or len(calls) <= 1:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(calls)), thread_name_prefix="nsn-resample") as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
+
+
+def _edge_padded_float64(channel: np.ndarray, pad: int, threads: int = 1) -> np.ndarray:
     """``np.pad(channel.astype(float), pad, mode='edge')`` with one allocation (no float64 copy of the input)."""
     out = np.empty([n + 2 * pad for n in channel.shape], dtype=np.float64)
-    out[tuple(slice(pad, pad + n) for n in channel.shape)] = channel
+    inner = tuple(slice(pad, pad + n) for n in channel.shape[1:])
+
+    def copy(a: int, b: int) -> None:
+        out[(slice(pad + a, pad + b), *inner)] = channel[a:b]
+
+    _run_all([lambda a=a, b=b: copy(a, b) for a, b in _blocks(channel.shape[0], threads)], threads)
     for axis, n in enumerate(channel.shape):
         lo, hi, first, last = [slice(None)] * out.ndim, [slice(None)] * out.ndim, [slice(None)] * out.ndim, \
             [slice(None)] * out.ndim
@@ -103,15 +135,18 @@ def _edge_padded_float64(channel: np.ndarray, pad: int) -> np.ndarray:
     return out
 
 
-def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
+def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, threads: int = 1) -> np.ndarray:
     """float32 ``skimage.transform.resize(channel.astype(float), new_shape, order, mode='edge',
     anti_aliasing=False)``, as stock's 3D resampling computes it, bit for bit, with one float64 array of the
-    padded input instead of three.
+    padded input instead of three, in ``threads`` threads.
 
     skimage calls ``scipy.ndimage.zoom(order, mode='nearest', grid_mode=True)``, which pads by 12 voxels, runs the
     separable spline prefilter (axis by axis, float64) and interpolates; float32 values are exact in float64, so
     filling the padded float64 array from the float32 channel gives the same numbers. Then skimage clips to the
-    input's range.
+    input's range. Threads split the work without changing a number: the prefilter along one axis treats each
+    line on its own, so each thread filters the lines of its block of another axis; the interpolation computes
+    each output voxel from its own index, so each thread fills a block of output rows, its offset given to scipy
+    as an output-space shift (``(row + shift + 0.5) * zoom - 0.5``: the same coordinates as the whole call's).
     """
     from scipy.ndimage import spline_filter1d
     from scipy.ndimage._ni_support import _extend_mode_to_code
@@ -126,14 +161,26 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int) ->
     zoom = np.divide(np.array(channel.shape), np.array(new_shape), out=np.ones(channel.ndim, dtype=np.float64),
                      where=np.array(new_shape) != 0)
     if order > 1:
-        filtered = _edge_padded_float64(channel, _SPLINE_PAD)
+        filtered = _edge_padded_float64(channel, _SPLINE_PAD, threads)
         for axis in range(filtered.ndim):  # scipy's spline_filter, in place as it does for axes after the first
-            spline_filter1d(filtered, order, axis, output=filtered, mode="nearest")
+            split = 1 if axis == 0 else 0  # lines along `axis` are independent: blocks of another axis
+
+            def prefilter(a: int, b: int, axis: int = axis, split: int = split) -> None:
+                block = filtered[(slice(None),) * split + (slice(a, b),)]
+                spline_filter1d(block, order, axis, output=block, mode="nearest")
+
+            _run_all([lambda a=a, b=b: prefilter(a, b) for a, b in _blocks(filtered.shape[split], threads)], threads)
         npad = _SPLINE_PAD
     else:
         filtered, npad = channel, 0
-    zoom_shift(filtered, np.ascontiguousarray(zoom), None, output, order, _extend_mode_to_code("nearest"), 0.0, npad,
-               True)
+    zoom = np.ascontiguousarray(zoom)
+    mode = _extend_mode_to_code("nearest")
+
+    def interpolate(a: int, b: int) -> None:
+        shift = np.array([a] + [0] * (len(new_shape) - 1), dtype=np.float64) if a else None
+        zoom_shift(filtered, zoom, shift, output[a:b], order, mode, 0.0, npad, True)
+
+    _run_all([lambda a=a, b=b: interpolate(a, b) for a, b in _blocks(new_shape[0], threads)], threads)
     del filtered
     lo, hi = np.min(channel), np.max(channel)
     if np.isnan(lo):
@@ -142,7 +189,7 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int) ->
     return output.astype(np.float32)
 
 
-def resample_3d_lean(data: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
+def resample_3d_lean(data: np.ndarray, new_shape: Sequence[int], order: int, threads: int = 1) -> np.ndarray:
     """Stock ``resample_data_or_seg(data, new_shape, is_seg=False, order=order, do_separate_z=False)`` for float32
     ``data`` (C, X, Y, Z), channel by channel through :func:`resize_3d_lean`."""
     new_shape = [int(s) for s in new_shape]
@@ -150,8 +197,37 @@ def resample_3d_lean(data: np.ndarray, new_shape: Sequence[int], order: int) -> 
         return data
     out = np.zeros((data.shape[0], *new_shape), dtype=data.dtype)
     for c in range(data.shape[0]):
-        out[c] = resize_3d_lean(data[c], new_shape, order)
+        out[c] = resize_3d_lean(data[c], new_shape, order, threads)
     return out
+
+
+#: stock normalization schemes that read the nonzero mask only when ``use_mask_for_norm`` is set
+_MASK_READ_ONLY_IF_ASKED = ("CTNormalization", "ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
+                            "RGBTo01Normalization")
+
+
+def normalization_reads_mask(configuration_manager) -> bool:
+    """Whether any channel's normalization may read the filled nonzero mask (stock's ``seg`` after cropping)."""
+    schemes = configuration_manager.normalization_schemes
+    return any(use or scheme not in _MASK_READ_ONLY_IF_ASKED
+               for scheme, use in zip(schemes, configuration_manager.use_mask_for_norm))
+
+
+def crop_to_nonzero_lean(data: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    """Stock ``crop_to_nonzero(data)``'s cropped data and bounding box, without its mask.
+
+    Stock fills the holes of the nonzero mask (``binary_fill_holes`` of the whole volume) before taking its bounding
+    box. Filling never moves the box: a zero voxel outside the box of the nonzero voxels lies in a slab of zeros
+    that reaches the volume's border, so it is not a hole. The filled mask itself is only read by normalizations
+    with ``use_mask_for_norm`` (:func:`normalization_reads_mask`); there stock's function runs.
+    """
+    from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, get_bbox_from_mask
+
+    mask = data[0] != 0
+    for c in range(1, data.shape[0]):
+        mask |= data[c] != 0
+    bbox = get_bbox_from_mask(mask)
+    return data[(slice(None), *bounding_box_to_slice(bbox))], bbox
 
 
 def preprocess_case(
@@ -161,11 +237,12 @@ def preprocess_case(
     configuration_manager,
     dataset_json: dict,
     verbose: bool = False,
+    threads: int = 1,
 ) -> tuple[np.ndarray, dict]:
     """Read and preprocess one case like stock ``preprocessor.run_case``; returns ``(data, properties)``.
 
     ``data`` is float32 ``(C, *network_grid_shape)``; with a previous-stage segmentation it has the one-hot
-    channels stacked on, as in stock's data iterators.
+    channels stacked on, as in stock's data iterators. ``threads``: for the 3D resampling (same numbers).
     """
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
@@ -191,7 +268,11 @@ def preprocess_case(
     data = data.transpose([0, *[i + 1 for i in transpose_forward]])
     original_spacing = [properties["spacing"][i] for i in transpose_forward]
     properties["shape_before_cropping"] = data.shape[1:]
-    data, seg, bbox = crop_to_nonzero(data, None)
+    if normalization_reads_mask(configuration_manager):
+        data, seg, bbox = crop_to_nonzero(data, None)
+    else:  # no normalizer reads the mask: a view that reads as "no mask" (the normalizers ignore it)
+        data, bbox = crop_to_nonzero_lean(data)
+        seg = np.broadcast_to(np.int8(0), (1, *data.shape[1:]))
     properties["bbox_used_for_cropping"] = bbox
     properties["shape_after_cropping_and_before_resampling"] = data.shape[1:]
 
@@ -207,7 +288,7 @@ def preprocess_case(
     del seg
     lean = _lean_resampling_plan(configuration_manager, original_spacing, target_spacing)
     if lean is not None and lean[0] is None and data.dtype == np.float32:
-        data = resample_3d_lean(data, new_shape, lean[1])
+        data = resample_3d_lean(data, new_shape, lean[1], threads)
     elif lean is not None and lean[0] is not None:
         data = resample_separate_z_lean(data, new_shape, *lean)
     else:
