@@ -50,7 +50,7 @@ from student_ablations import ABLATIONS, run_ablation
 
 from noisy_student_nnunet.demo import PHANTOM_SIZE, PLANS, RESULTS_JSON, demo_environment
 from noisy_student_nnunet.experiment_records import (case_scores, load_records, markdown_table, organ_means,
-                                                     per_cohort, summary_table, write_record)
+                                                     per_cohort, setting_difference, summary_table, write_record)
 from noisy_student_nnunet.experiment_plot import plot_differences
 from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.pseudolabel.dataset import link_or_copy
@@ -291,6 +291,10 @@ def main() -> None:
         print(f"plot: {plot_differences(records, folder / 'summary.png')}")
         if args.markdown:
             print("\n" + markdown_table(records))
+        other = load_records(args.results / ("iid" if args.setting == "shift" else "shift"))
+        if other:  # both settings have files: does the shift change the student's gain?
+            shifted, iid = (records, other) if args.setting == "shift" else (other, records)
+            print("\n" + setting_difference(shifted, iid))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from noisy_student_nnunet.experiment_records import (ORGANS, load_records, markdown_table, organ_means,
-                                                     paired_differences, per_cohort, summary_table, t_interval,
-                                                     write_record)
+                                                     paired_differences, per_cohort, setting_difference,
+                                                     summary_table, t_interval, welch_interval, write_record)
 
 
 def stage(dsc: float, liver: float | None = None) -> dict:
@@ -67,3 +67,23 @@ def test_organ_means_leave_out_undefined_values_and_group_by_cohort():
     assert means["liver"] == {"DSC": 0.5, "NSD": 0.5}
     grouped = per_cohort({"teacher": scores}, {"a": "x", "b": "y"})
     assert grouped["x"]["cases"] == 1 and grouped["y"]["stages"]["teacher"]["liver"]["DSC"] == 0.0
+
+
+def test_welch_interval_is_scipys_and_settings_are_compared_unpaired():
+    a, b = [2.0, 3.5, 1.0, 2.5], [0.5, 1.0, -1.0, 2.0, 0.0]
+    mean, low, high = welch_interval(a, b)
+    result = stats.ttest_ind(a, b, equal_var=False)
+    ci = result.confidence_interval(0.95)
+    assert (mean, low, high) == pytest.approx((statistics.fmean(a) - statistics.fmean(b), ci.low, ci.high))
+    with pytest.raises(ValueError):
+        welch_interval([1.0], b)
+    shifted = [record(s, 0.60, 0.63 + 0.01 * s) for s in range(3)]
+    iid = [record(s, 0.60, 0.60 + 0.01 * s) for s in range(3)]
+    text = setting_difference(shifted, iid, baseline="teacher")
+    assert text.splitlines()[0].startswith("shift  finetuned - teacher:") and "(3 seeds)" in text
+    # unpaired: the two settings' spreads add up, although every shifted seed is exactly 3 points above its iid seed
+    mean, low, high = welch_interval(paired_differences(shifted, "finetuned", "teacher"),
+                                     paired_differences(iid, "finetuned", "teacher"))
+    assert mean == pytest.approx(3.0) and low < 3.0 < high
+    assert f"shift - iid of that difference: {mean:+.2f} [{low:+.2f}, {high:+.2f}]" in text
+    assert "shift - iid" not in setting_difference(shifted[:1], iid, baseline="teacher")

@@ -92,6 +92,39 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``mean(a) - mean(b)`` and its two-sided Welch interval (two independent samples, unequal variances; n >= 2
+    each). For two settings: their seeds draw different phantoms, so nothing pairs them."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the Welch interval needs at least 2 values in each sample")
+    from scipy.stats import t
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    difference = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return difference, difference, difference
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t.ppf(0.5 + confidence / 2, dof) * math.sqrt(va + vb)
+    return difference, difference - half, difference + half
+
+
+def setting_difference(shifted: Sequence[dict], iid: Sequence[dict], stage: str = "finetuned",
+                       baseline: str = "teacher_as_long", metric: str = "DSC") -> str:
+    """One line per setting with ``stage - baseline`` over its seeds, and the line that decides whether the cohort
+    shift is what makes the difference: shift minus iid, Welch interval."""
+    lines = []
+    values = {}
+    for name, records in (("shift", shifted), ("iid", iid)):
+        values[name] = paired_differences(records, stage, baseline, metric)
+        lines.append(f"{name:<6} {stage} - {baseline}: {_interval_text(values[name]).strip()} "
+                     f"({len(values[name])} seeds)")
+    if min(len(v) for v in values.values()) >= 2:
+        mean, low, high = welch_interval(values["shift"], values["iid"])
+        lines.append(f"shift - iid of that difference: {mean:+.2f} [{low:+.2f}, {high:+.2f}] (Welch, 95 %; the "
+                     "settings' seeds are independent)")
+    return "\n".join(lines)
+
+
 def paired_differences(records: Sequence[dict], stage: str, baseline: str, metric: str = "DSC",
                        organ: str | None = None, cohort: str | None = None) -> list[float]:
     """Per seed, ``stage`` minus ``baseline`` in points (x100): the 13-organ mean, or one organ; over the test
