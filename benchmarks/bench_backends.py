@@ -242,9 +242,8 @@ def trained_labels(results: Path, dataset: str, model_dir: str, images: Path, wo
         present = {organs[c]: d for c, d in dice.items() if d == d}
         rows.append({"run": name, "precision": precision[0] if precision else "", "cases": len(reference),
                      "min_dice": min(present.values()), "worst_organ": min(present, key=present.get),
-                     "voxels_equal": float((got == ref).mean()), "dice": present, "wall_s": seconds,
-                     "stdout": stdout})
-    return {"rows": rows}
+                     "voxels_equal": float((got == ref).mean()), "dice": present, "wall_s": seconds})
+    return {"rows": rows, "stdout": {name: found[3] for name, found in maps.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                                       ("voxels_equal", "voxels equal")]))
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     (case.root / "results_backends.json").write_text(json.dumps(
-        {"machine": machine_line(), "one": rows, "stages": stage_rows, "folder": folder_rows, "trained": trained},
+        {"machine": machine_line(), "one": rows, "stages": stage_rows, "folder": folder_rows,
+         "trained": trained["rows"] if trained else None},
         indent=1, default=str))
     return 0
 
