@@ -93,10 +93,11 @@ def quantize(model, patches: list[np.ndarray], preset: str):
     return quantized
 
 
-def seconds_per_patch(core, model, hint: str, patch: np.ndarray, repeats: int) -> float:
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                 "ENABLE_CPU_PINNING": False,
-                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+def seconds_per_patch(core, model, precision: str, patch: np.ndarray, repeats: int) -> float:
+    """The network alone, compiled as the predictor compiles it (``precision`` 'fp32' or 'bf16' is the hint)."""
+    from noisy_student_nnunet.inference.openvino_backend import compile_config
+
+    compiled = core.compile_model(model, "CPU", compile_config(precision, torch.get_num_threads()))
     request = compiled.create_infer_request()
     request.infer({0: patch})  # first call allocates
     started = time.perf_counter()
@@ -143,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     core = openvino.Core()
     timing_patch = patches[len(patches) // 2]
     native_bf16 = cpu_native_bf16()[0]
-    speed = {"fp32": seconds_per_patch(core, fp32_model, "f32", timing_patch, args.repeats),
-             "int8": seconds_per_patch(core, int8_model, "f32", timing_patch, args.repeats)}
+    speed = {"fp32": seconds_per_patch(core, fp32_model, "fp32", timing_patch, args.repeats),
+             "int8": seconds_per_patch(core, int8_model, "fp32", timing_patch, args.repeats)}
     if native_bf16:
         speed["bf16"] = seconds_per_patch(core, fp32_model, "bf16", timing_patch, args.repeats)
         speed["int8 (bf16 hint)"] = seconds_per_patch(core, int8_model, "bf16", timing_patch, args.repeats)

@@ -294,7 +294,8 @@ def main() -> None:
         other_setting = "iid" if args.setting == "shift" else "shift"
         other = load_records(args.results / other_setting)
         if not args.summarize:  # as for this setting: only files of this code and these settings
-            other = [r for r in other if r.get("fingerprint") == fingerprint(other_setting, demo_args, args.control)]
+            other_id = fingerprint(other_setting, demo_args, args.control)
+            other = [r for r in other if r.get("fingerprint") == other_id]
         if other:  # both settings have files: does the shift change the student's gain?
             shifted, iid = (records, other) if args.setting == "shift" else (other, records)
             print("\n" + setting_difference(shifted, iid))

@@ -181,16 +181,21 @@ def test_nearest_resampling_rule_is_pixel_centred():
 
 
 # ----------------------------------------------------------------------------- preprocessing
+def stock_and_our_preprocessing(image, plans: dict, threads: int = 2) -> tuple[tuple, tuple]:
+    """``(data, properties)`` of one image from stock ``DefaultPreprocessor.run_case`` and from ours."""
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(mf.CONFIGURATION)
+    dj = mf.make_dataset_json()
+    ref, _, ref_props = DefaultPreprocessor(verbose=False).run_case([str(image)], None, pm, cm, dj)
+    return (ref, ref_props), preprocess_case([str(image)], None, pm, cm, dj, threads=threads)
+
+
 @pytest.mark.parametrize("plans_spacing,transpose", [([3.0, 1.6, 1.6], (0, 1, 2)), ([4.0, 1.2, 1.2], (0, 1, 2)),
                                                      ([1.0, 4.0, 1.0], (1, 0, 2))])
 def test_preprocessing_equals_stock(tmp_path, plans_spacing, transpose):
     image = mf.write_ct_image(tmp_path / "c_0000.nii.gz", (30, 70, 64), (0.8, 0.8, 1.5), seed=4)
     plans = mf.make_plans(plans_spacing, [32, 64, 64], transpose_forward=transpose)
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(mf.CONFIGURATION)
-    dj = mf.make_dataset_json()
-    ref, _, ref_props = DefaultPreprocessor(verbose=False).run_case([str(image)], None, pm, cm, dj)
-    ours, props = preprocess_case([str(image)], None, pm, cm, dj, threads=2)
+    (ref, ref_props), (ours, props) = stock_and_our_preprocessing(image, plans)
     np.testing.assert_array_equal(ours, ref)
     for key in ("spacing", "shape_before_cropping", "bbox_used_for_cropping",
                 "shape_after_cropping_and_before_resampling", "sitk_stuff"):
@@ -256,11 +261,7 @@ def test_preprocessing_of_a_zero_bordered_image_equals_stock(tmp_path, use_mask)
     configuration = plans["configurations"][mf.CONFIGURATION]
     configuration["normalization_schemes"] = ["ZScoreNormalization"]
     configuration["use_mask_for_norm"] = [use_mask]
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(mf.CONFIGURATION)
-    dj = mf.make_dataset_json()
-    ref, _, ref_props = DefaultPreprocessor(verbose=False).run_case([str(path)], None, pm, cm, dj)
-    ours, props = preprocess_case([str(path)], None, pm, cm, dj, threads=2)
+    (ref, ref_props), (ours, props) = stock_and_our_preprocessing(path, plans)
     np.testing.assert_array_equal(ours, ref)
     assert props["bbox_used_for_cropping"] == ref_props["bbox_used_for_cropping"]
 

@@ -154,6 +154,17 @@ def _first_writable(roots: Sequence[Path]) -> Optional[Path]:
     return None
 
 
+def compile_config(precision: str, threads: Optional[int] = None) -> dict:
+    """OpenVINO's CPU compile options for one patch at a time: the precision hint, latency mode and, where given,
+    the thread count. No pinning: a pinned thread cannot leave a core another process keeps busy, and every layer
+    waits for it (measured, half-width patch, 2 threads, both cores shared with another job: 11.6-25.5 s pinned,
+    2.0-2.5 s not); nnU-Net's machines are shared (two teacher folds side by side, preprocessing threads)."""
+    config = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 def _say(message: str) -> None:
     print(f"OpenVINO: {message}", flush=True)
 
@@ -248,13 +259,7 @@ class OpenVinoRunner:
             return self._compiled[digest][1]
         self._release_last()
         model = self._load_or_convert(network, digest)
-        # no pinning: a pinned thread cannot leave a core another process keeps busy, and every layer waits for it
-        # (measured, half-width patch, 2 threads, both cores shared with another job: 11.6-25.5 s pinned, 2.0-2.5 s
-        # not); nnU-Net's machines are shared (two teacher folds side by side, preprocessing threads)
-        config = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision], "PERFORMANCE_HINT": "LATENCY",
-                  "ENABLE_CPU_PINNING": False}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        config = compile_config(self.precision, self.threads)
         start = time.perf_counter()
         try:
             compiled = self.core.compile_model(model, "CPU", config)

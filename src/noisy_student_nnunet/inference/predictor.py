@@ -235,6 +235,12 @@ class LowFootprintPredictor(nnUNetPredictor):
             else:
                 view.copy_(torch.log(p))
 
+    @staticmethod
+    def _cpu_threads() -> int:
+        """Threads for this process's CPU work outside torch (OpenVINO, resampling): torch's count, at most the
+        cores this process may run on."""
+        return min(torch.get_num_threads(), available_cores())
+
     def _openvino_runner(self, input_shape: Sequence[int]):
         """The OpenVINO runner for full patches of ``input_shape`` (made once; conversion and compilation happen
         at its first use for each set of weights)."""
@@ -242,7 +248,7 @@ class LowFootprintPredictor(nnUNetPredictor):
             from noisy_student_nnunet.inference.openvino_backend import OpenVinoRunner
 
             self._openvino = OpenVinoRunner(input_shape, self.precision.name, self.model_folder,
-                                            threads=min(torch.get_num_threads(), available_cores()))
+                                            threads=self._cpu_threads())
         return self._openvino
 
     def _weights_digest(self) -> Optional[str]:
@@ -526,7 +532,7 @@ class LowFootprintPredictor(nnUNetPredictor):
         return iterate_preprocessed_cases(input_list_of_lists, seg_from_prev_stage_files,
                                           output_filenames_truncated, self.plans_manager, self.dataset_json,
                                           self.configuration_manager, num_processes, self.verbose_preprocessing,
-                                          resample_threads=min(torch.get_num_threads(), available_cores()))
+                                          resample_threads=self._cpu_threads())
 
     def predict_from_files_sequential(self,
                                       list_of_lists_or_source_folder: Union[str, List[List[str]]],

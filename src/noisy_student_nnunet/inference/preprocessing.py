@@ -39,21 +39,17 @@ from noisy_student_nnunet.inference.resize import nearest_source_indices
 STOCK_RESAMPLING_FN = "resample_data_or_seg_to_shape"
 
 
-def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of at most ``parts`` nearly equal blocks of ``range(n)``."""
-    edges = np.linspace(0, n, max(1, min(parts, n)) + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def _run_all(calls: Sequence[Callable[[], object]], threads: int) -> None:
-    """Run every call, in ``threads`` threads where there are several (the work is numpy/scipy C code that
-    releases the GIL); exceptions propagate."""
-    if threads <= 1 or len(calls) <= 1:
-        for call in calls:
-            call()
+def _in_blocks(work: Callable[[int, int], object], n: int, threads: int) -> None:
+    """``work(start, stop)`` over ``range(n)`` cut into at most ``threads`` nearly equal blocks, each in a thread of
+    its own where there are several (the work is numpy/scipy C code that releases the GIL); exceptions propagate."""
+    edges = np.linspace(0, n, max(1, min(threads, n)) + 1).round().astype(int)
+    blocks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    if len(blocks) <= 1:
+        for a, b in blocks:
+            work(a, b)
         return
-    with ThreadPoolExecutor(max_workers=min(threads, len(calls)), thread_name_prefix="nsn-resample") as pool:
-        for future in [pool.submit(call) for call in calls]:
+    with ThreadPoolExecutor(max_workers=len(blocks), thread_name_prefix="nsn-resample") as pool:
+        for future in [pool.submit(work, a, b) for a, b in blocks]:
             future.result()
 
 
@@ -106,8 +102,8 @@ def resample_separate_z_lean(data: np.ndarray, new_shape: Sequence[int], axis: i
                 index[axis] = int(o)
                 out[(c, *index)] = resized
 
-    _run_all([lambda c=c, a=a, b=b: resize_slices(c, a, b) for c in range(data.shape[0])
-              for a, b in _blocks(len(used), threads)], threads)
+    for c in range(data.shape[0]):
+        _in_blocks(lambda first, stop, c=c: resize_slices(c, first, stop), len(used), threads)
     return out
 
 
@@ -132,7 +128,7 @@ def _edge_padded_float64(channel: np.ndarray, pad: int, threads: int = 1) -> np.
     def copy(a: int, b: int) -> None:
         out[(slice(pad + a, pad + b), *inner)] = channel[a:b]
 
-    _run_all([lambda a=a, b=b: copy(a, b) for a, b in _blocks(channel.shape[0], threads)], threads)
+    _in_blocks(copy, channel.shape[0], threads)
     for axis, n in enumerate(channel.shape):
         lo, hi, first, last = [slice(None)] * out.ndim, [slice(None)] * out.ndim, [slice(None)] * out.ndim, \
             [slice(None)] * out.ndim
@@ -177,7 +173,7 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
                 block = filtered[(slice(None),) * split + (slice(a, b),)]
                 spline_filter1d(block, order, axis, output=block, mode="nearest")
 
-            _run_all([lambda a=a, b=b: prefilter(a, b) for a, b in _blocks(filtered.shape[split], threads)], threads)
+            _in_blocks(prefilter, filtered.shape[split], threads)
         npad = _SPLINE_PAD
     else:
         filtered, npad = channel, 0
@@ -188,7 +184,7 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
         shift = np.array([a] + [0] * (len(new_shape) - 1), dtype=np.float64) if a else None
         zoom_shift(filtered, zoom, shift, output[a:b], order, mode, 0.0, npad, True)
 
-    _run_all([lambda a=a, b=b: interpolate(a, b) for a, b in _blocks(new_shape[0], threads)], threads)
+    _in_blocks(interpolate, new_shape[0], threads)
     filtered = None  # frees the padded float64 array (8 bytes per input voxel) before the clip
     lo, hi = np.min(channel), np.max(channel)
     if np.isnan(lo):
