@@ -57,6 +57,49 @@ def machine() -> str:
             f"{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
+#: ``--isa avx2``: the environment that caps every library's kernels at AVX2 and takes the fp32 path, so that a CPU
+#: with AVX-512 and bf16 runs the code an AVX2-only CPU (AMD Zen 2/3, Intel before Skylake-SP) runs. It imitates
+#: that CPU's instruction set, not its clock, caches or memory: times are this CPU's with AVX2 kernels.
+ISA_CAPS: dict[str, dict[str, str]] = {
+    "avx2": {
+        "NSN_CPU_BF16": "0",  # our precision choice: no native bf16 (trainers and ``--precision auto``)
+        "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorized kernels
+        "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN in torch (convolutions) and in OpenVINO's CPU plugin
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL in torch (GEMMs of the unfolded convolutions)
+        "OPENBLAS_CORETYPE": "Haswell",  # OpenBLAS in numpy and scipy
+    },
+}
+
+_ISA_PROBE = r"""
+import os, subprocess, sys
+import torch, openvino as ov
+conv = torch.nn.Conv3d(8, 8, 3, padding=1).eval()
+x = torch.randn(2, 8, 16, 32, 32)
+model = ov.Core().compile_model(ov.convert_model(conv, example_input=x), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+kernels = {str(op.get_rt_info()["primitiveType"].astype(str)) for op in model.get_runtime_model().get_ordered_ops()
+           if "primitiveType" in op.get_rt_info()}
+conv_kernel = next((k for k in sorted(kernels) if "conv" in k), "?")
+onednn = subprocess.run([sys.executable, "-c", "import torch; torch.nn.Conv3d(8, 8, 3)(torch.randn(2, 8, 8, 8, 8))"],
+                        env=dict(os.environ, ONEDNN_VERBOSE="1"), capture_output=True, text=True).stdout
+isa = next((line.split("isa:")[1] for line in onednn.splitlines() if "isa:" in line), "?")
+print(f"torch ATen {torch.backends.cpu.get_cpu_capability()}, torch oneDNN {isa}, OpenVINO convolution {conv_kernel}")
+"""
+
+
+def apply_isa_cap(isa: str | None) -> str:
+    """Cap this process's environment (and so every child's) at ``isa``; return what the kernels report.
+
+    The report comes from a child that runs one convolution in torch and one in OpenVINO, so it shows the kernels
+    the measured commands get, not what the flags promise.
+    """
+    if isa is not None:
+        os.environ.update(ISA_CAPS[isa])
+    probe = subprocess.run([sys.executable, "-c", _ISA_PROBE], capture_output=True, text=True)
+    report = probe.stdout.strip() or f"probe failed: {probe.stderr.strip()[-200:]}"
+    caps = " ".join(f"{k}={v}" for k, v in ISA_CAPS[isa].items()) if isa else "none"
+    return f"instruction-set cap: {caps}; kernels: {report}"
+
+
 # --- results ----------------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BIN, dice_per_class, machine, nnunet_env, read_labels, run_profiled, run_worker, table
+from _common import BIN, ISA_CAPS, apply_isa_cap, dice_per_class, machine, nnunet_env, read_labels, run_profiled, run_worker, table
 from _inference_case import add_case_arguments, half_width_case
 
 import model_folders as mf  # noqa: E402  (on sys.path through _common)
@@ -262,16 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder_runs", nargs="*", choices=list(RUNS), default=["stock_notta", "torch", "ov"],
                         help="runs on the folder of 10 mixed cases (none: skip the folder)")
     parser.add_argument("--no_stages", dest="stages", action="store_false")
+    parser.add_argument("--isa", choices=list(ISA_CAPS), default=None,
+                        help="cap every run's kernels (stock's too) at this instruction set and take the fp32 path: "
+                             "avx2 runs what an AVX2-only CPU runs, at this CPU's clock (see _common.ISA_CAPS)")
     parser.add_argument("--trained", nargs=4, metavar=("RESULTS", "DATASET", "MODEL_DIR", "IMAGES"), default=None,
                         help="a trained model (nnUNet_results, dataset name, Trainer__Plans__config, image folder) "
                              "whose labels are compared per organ against torch fp32")
     args = parser.parse_args(argv)
     started = time.time()
-    print(f"Machine: {machine_line()}", flush=True)
+    if args.isa is None:
+        os.environ.pop("NSN_CPU_BF16", None)
+    isa_line = apply_isa_cap(args.isa)  # before any child starts: every run inherits the cap
+    print(f"Machine: {machine_line()}\n{isa_line}", flush=True)
     case = half_width_case(args, "backends", DATASET)
     cache = case.root / "ov_cache"
     env = {**case.env, "NSN_OPENVINO_CACHE": str(cache)}
-    env.pop("NSN_CPU_BF16", None)
     print(f"(g) one case: phantom {case.shape} (z, y, x) at {case.spacing} mm, plans {case.plans_spacing}, patch "
           f"{case.patch}, half-width U-Net {case.architecture['arch_kwargs']['features_per_stage']}, 1 fold",
           flush=True)
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = trained_labels(Path(args.trained[0]), args.trained[1], args.trained[2], Path(args.trained[3]),
                              case.root) if args.trained else None
 
-    print(f"\nMachine: {machine_line()}\nCommand: python benchmarks/bench_backends.py {' '.join(argv)}")
+    print(f"\nMachine: {machine_line()}\n{isa_line}\nCommand: python benchmarks/bench_backends.py {' '.join(argv)}")
     columns = [("run", "run"), ("wall_s", "wall (s)"), ("speedup", "x faster than stock"),
                ("speedup_notta", "x faster than stock --disable_tta"), ("peak_rss_gb", "peak RSS tree (GB)"),
                ("ram_ratio", "RAM / stock"), ("cpu_util_pct", "CPU % of all cores"), ("load_before", "load before")]
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                                       ("voxels_equal", "voxels equal")]))
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     (case.root / "results_backends.json").write_text(json.dumps(
-        {"machine": machine_line(), "one": rows, "stages": stage_rows, "folder": folder_rows,
+        {"machine": machine_line(), "isa": isa_line, "one": rows, "stages": stage_rows, "folder": folder_rows,
          "trained": trained["rows"] if trained else None},
         indent=1, default=str))
     return 0
