@@ -292,6 +292,13 @@ class OpenVinoRunner:
         if tuple(x.shape) != self.input_shape:
             raise NsnError(f"OpenVINO backend: patch of shape {tuple(x.shape)}, the network was converted for "
                            f"{self.input_shape}")
+        import openvino
+
         request = self._request(network, digest)
+        # OpenVINO writes into a fresh array of ours (no copy of its own output buffer, which the next patch would
+        # overwrite): one C x patch array per call instead of two
+        output = request.model_outputs[0]
+        result = np.empty(tuple(output.get_shape()), dtype=output.get_element_type().to_dtype())
+        request.set_output_tensor(0, openvino.Tensor(result, shared_memory=True))
         request.infer({0: np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        return torch.from_numpy(result)
