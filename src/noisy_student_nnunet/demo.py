@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from noisy_student_nnunet.demo_budget import BUDGET_MINUTES
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.outputs import atomic_file, atomic_write_text
 
@@ -50,6 +51,8 @@ class ModelScore:
 #: the recipe ``nsn demo`` trains with on each device when none is named
 DEFAULT_RECIPES = {"cpu": "demo", "cuda": "demo_gpu"}
 RESULTS_JSON = "demo_results.json"
+#: the recipe the demo trains with on the CPU, its epochs sized to this CPU (see :func:`budgeted_recipe`)
+BUDGETED_RECIPE = "demo_recipe.json"
 SLICES_PNG = "demo_slices.png"
 
 
@@ -71,13 +74,17 @@ def demo_environment(work: Path, base: dict[str, str] | None = None, device: str
     env = dict(os.environ if base is None else base)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[var] = str(work / var)
-    # CPU: one background augmentation worker overlaps with the training step; nnU-Net's default of 12
-    # workers oversubscribes 2 cores (3x slower per iteration). A GPU needs several to keep it fed.
-    env.setdefault("nnUNet_n_proc_DA", "1" if device == "cpu" else str(max(2, min(8, (os.cpu_count() or 2) - 1))))
     if device == "cpu":
-        # one torch thread per training: the demo's small network runs a step in 0.155 s on one core (two
-        # teachers side by side) and in 0.185 s on two; a lone training's augmentation worker takes the other
-        env.setdefault("NSN_NUM_THREADS", "1")
+        # augmentation in the training process and every core's thread for a lone training (student, fine-tune;
+        # the pipeline gives each of the two teachers side by side one thread): on 2 cores a student epoch took
+        # 6.1 s against 8.5 s with a background augmentation worker competing with the 2 threads, and 8.8 s
+        # with 1 thread and the worker (fp32; docs/experiments.md, "Time by machine"). A GPU needs workers to keep
+        # it fed; nnU-Net's default of 12 oversubscribes a small CPU.
+        from noisy_student_nnunet.cpu_threads import available_cores
+
+        env.setdefault("nnUNet_n_proc_DA", "0" if available_cores() <= 2 else "1")
+    else:
+        env.setdefault("nnUNet_n_proc_DA", str(max(2, min(8, (os.cpu_count() or 2) - 1))))
     env.setdefault("nnUNet_compile", "0")
     # nnU-Net's end-of-training validation spawns this many export workers, each importing torch: on 2 cores
     # the default 8 took 50 s per fold for 2 small cases, 1 took 11 s
@@ -92,8 +99,8 @@ def demo_environment(work: Path, base: dict[str, str] | None = None, device: str
 def parallel_folds(device: str, num_folds: int) -> list[str]:
     """``-j N`` for the pipeline: on the CPU the teacher folds train side by side, one core each.
 
-    The demo's network is too small to use two cores well (see :func:`demo_environment`), so two folds
-    side by side finish sooner than one after the other.
+    The demo's network is too small to use two cores fully: two folds side by side, one thread each, took 10.5 s
+    per epoch (fp32, 2 cores), one after the other with 2 threads each 2 x 6.1 s.
     """
     from noisy_student_nnunet.cpu_threads import available_cores
 
@@ -123,6 +130,32 @@ def _stream(cmd: list[str], env: dict[str, str], log: Path) -> None:
             print(f"  {line.rstrip()}", flush=True)
         if process.wait() != 0:
             raise NsnError(f"`{' '.join(cmd[:2])} ...` failed (exit {process.returncode}); see {log}")
+
+
+def budgeted_recipe(work: Path, name: str, minutes: float) -> tuple[str, str]:
+    """The recipe file the demo trains with on this CPU, sized from a measured step; (its path, a note on it).
+
+    Written once per work folder (``demo_recipe.json``): a rerun resumes with the epochs the first run chose.
+    """
+    from noisy_student_nnunet.cpu_threads import cpu_thread_count
+    from noisy_student_nnunet.demo_budget import plan_budget, scaled_recipe
+    from noisy_student_nnunet.inference.precision import cpu_native_bf16
+    from noisy_student_nnunet.recipe import load_recipe
+    from noisy_student_nnunet.step_time import measure_training_step
+
+    path = work / BUDGETED_RECIPE
+    if path.is_file():
+        chosen = load_recipe(path)
+        return str(path), f"{name} ({chosen['training']['num_epochs']} training epochs, as this work folder chose)"
+    recipe = load_recipe(name)
+    bf16 = cpu_native_bf16()[0]
+    print("  timing a training step of the recipe's network on this CPU", flush=True)
+    one_thread = measure_training_step(recipe, bf16=bf16, threads=1)
+    threads = cpu_thread_count(demo_environment(work))
+    every_thread = measure_training_step(recipe, bf16=bf16, threads=threads) if threads > 1 else one_thread
+    budget = plan_budget(recipe, one_thread, every_thread, minutes)
+    atomic_write_text(path, json.dumps(scaled_recipe(recipe, budget.scale, minutes), indent=2) + "\n")
+    return str(path), f"{name} ({'bf16' if bf16 else 'fp32'}; {budget.describe()})"
 
 
 def predict_and_score(model: DemoModel, dataset_id: int, images: Path, labels: Path, dataset_json: Path,
@@ -189,27 +222,30 @@ def format_table(scores: list[ModelScore]) -> str:
 def run_demo(work: Path, dataset_id: int = 990, recipe: str | None = None, num_labeled: int = 8,
              num_unlabeled: int = 24, num_test: int = 8, folds: tuple[str, ...] = ("0", "1"), seed: int = 0,
              student_folds: tuple[str, ...] | None = None, device: str = "cpu",
-             setting: str = "iid") -> list[ModelScore]:
+             setting: str = "iid", minutes: float = BUDGET_MINUTES) -> list[ModelScore]:
     """Make phantoms, run the pipeline, predict with every stage's model; print and write the results.
 
     ``folds`` are the teacher folds (two at least, for the ensemble); ``student_folds`` default to them.
     ``device`` is ``cpu`` or ``cuda`` (see :func:`resolve_device`); ``recipe`` defaults to the device's.
     ``setting`` is where the phantoms come from (``iid``: one distribution; ``shift``: labeled cases from one narrow
     cohort, unlabeled and test cases from a broad mix; see ``phantoms/cohorts.py``).
+    ``minutes``: on the CPU with the default recipe, the budget the training's epochs are sized to from a measured
+    step (see :mod:`noisy_student_nnunet.demo_budget`; 0 trains the whole recipe).
     Writes ``demo_table.txt``, ``demo_results.json``, ``demo_slices.png`` and ``demo_resources.png`` to ``work``.
     """
     from noisy_student_nnunet.locks import folder_lock
 
     with folder_lock(work, "nsn demo"):  # a second demo on this folder is refused, naming this one
         return _run_demo(work, dataset_id, recipe, num_labeled, num_unlabeled, num_test, folds, seed, student_folds,
-                         device, setting)
+                         device, setting, minutes)
 
 
 def _run_demo(work: Path, dataset_id: int, recipe: str | None, num_labeled: int, num_unlabeled: int, num_test: int,
               folds: tuple[str, ...], seed: int, student_folds: tuple[str, ...] | None, device: str,
-              setting: str) -> list[ModelScore]:
+              setting: str, minutes: float) -> list[ModelScore]:
     started = time.monotonic()
     student_folds = tuple(student_folds or folds)
+    sized_to_cpu = recipe is None and device == "cpu"
     recipe = recipe or DEFAULT_RECIPES[device]
     from noisy_student_nnunet.phantoms import write_phantom_dataset
     from noisy_student_nnunet.phantoms.cohorts import split_sources
@@ -235,7 +271,10 @@ def _run_demo(work: Path, dataset_id: int, recipe: str | None, num_labeled: int,
                                         num_unlabeled=num_unlabeled, num_test=num_test, seed=seed,
                                         setting=setting, progress=True, **PHANTOM_SIZE)
     pipeline_work = work / "pipeline"
-    print(f"[2/4] pipeline on {device}, recipe {recipe}: plan, teachers, pseudo-labels, student, fine-tune",
+    recipe_note = recipe
+    if sized_to_cpu:
+        recipe, recipe_note = budgeted_recipe(work, recipe, minutes)
+    print(f"[2/4] pipeline on {device}, recipe {recipe_note}: plan, teachers, pseudo-labels, student, fine-tune",
           flush=True)
     # the test phantoms are predicted and scored below with every stage's model (the fine-tuned one
     # included), so the pipeline is not asked to do it once more
@@ -269,7 +308,7 @@ def _run_demo(work: Path, dataset_id: int, recipe: str | None, num_labeled: int,
     slices = plot_test_case(dataset, scores, work / SLICES_PNG)
     elapsed = time.monotonic() - started
     atomic_write_text(work / RESULTS_JSON, json.dumps(results_document(
-        scores, seed=seed, setting=setting, device=device, recipe=recipe, num_labeled=num_labeled,
+        scores, seed=seed, setting=setting, device=device, recipe=recipe_note, num_labeled=num_labeled,
         num_unlabeled=num_unlabeled, num_test=num_test, teacher_folds=list(folds), student_folds=list(student_folds),
         wall_time_s=round(elapsed, 1)), indent=2) + "\n")
     print(table)

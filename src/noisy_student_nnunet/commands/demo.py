@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from noisy_student_nnunet.demo_budget import BUDGET_MINUTES, MIN_SCALE
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -38,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "distribution) or shift (labeled: one narrow cohort, portal-venous pancreas patients; "
                              "unlabeled and test: a broad mix of phases, lesions, organ changes, scanners and "
                              "coverage, as FLARE's). A work folder keeps the phantoms it was made with")
+    parser.add_argument("--minutes", type=float, default=BUDGET_MINUTES,
+                        help=f"on the CPU with the default recipe: time a training step first and, where the whole "
+                             f"recipe would take longer than this, train fewer epochs (down to {MIN_SCALE:g} of "
+                             f"them; default {BUDGET_MINUTES:g}; 0 trains the whole recipe)")
     parser.set_defaults(func=run)
 
 
@@ -50,9 +56,12 @@ def run(args: argparse.Namespace) -> int:
     if args.num_labeled < 5:
         raise NsnError(f"--num-labeled must be at least 5 (nnU-Net splits the labeled cases into 5 folds), "
                        f"got {args.num_labeled}")
+    if args.minutes < 0:
+        raise NsnError(f"--minutes must be >= 0 (0 trains the whole recipe), got {args.minutes:g}")
     if len(args.folds) < 2:
         raise NsnError("--folds needs two teacher folds at least: the demo compares one fold with their ensemble")
     device = resolve_device(args.device)
     run_demo(args.work, args.dataset_id, args.recipe, args.num_labeled, args.num_unlabeled, args.num_test,
-             tuple(args.folds), args.seed, tuple(args.student_folds), device=device, setting=args.setting)
+             tuple(args.folds), args.seed, tuple(args.student_folds), device=device, setting=args.setting,
+             minutes=args.minutes)
     return 0
