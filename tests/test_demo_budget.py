@@ -8,34 +8,42 @@ import sys
 
 import pytest
 
-from noisy_student_nnunet.demo_budget import (BUDGET_MINUTES, MIN_SCALE, REFERENCE_STEP_S, plan_budget,
+from noisy_student_nnunet.demo_budget import (BUDGET_MINUTES, CALIBRATIONS, MIN_SCALE, plan_budget,
                                               projected_minutes, scaled_recipe)
 from noisy_student_nnunet.recipe import load_recipe, validate_recipe
 
 DEMO = load_recipe("demo")
-#: the calibration run's steps (one thread, both threads)
-REFERENCE = (REFERENCE_STEP_S, 0.09)
+#: the fp32 calibration run's steps (one thread, both threads)
+REFERENCE = (CALIBRATIONS["fp32"].step_s, 0.09, "fp32")
 
 
 def test_a_cpu_that_fits_the_budget_trains_the_whole_recipe():
-    fast = plan_budget(DEMO, REFERENCE[0] / 2, REFERENCE[1] / 2)
+    fast = plan_budget(DEMO, REFERENCE[0] / 2, REFERENCE[1] / 2, "fp32")
     assert fast.scale == 1 and fast.projected_minutes == fast.full_minutes < BUDGET_MINUTES
     assert "the whole recipe" in fast.describe()
 
 
+def test_the_projection_reproduces_each_calibration_run():
+    # the fp32 run (AVX2 kernels): 0.149 s and 0.090 s per step, 16.8 minutes; the bf16 run: 0.103, 0.066, 14.9
+    assert projected_minutes(DEMO, *REFERENCE) == pytest.approx(16.8, abs=0.1)
+    assert projected_minutes(DEMO, 0.103, 0.066, "bf16") == pytest.approx(14.9, abs=0.1)
+
+
 def test_a_slower_cpu_trains_fewer_epochs_to_fit_the_budget():
-    slow = plan_budget(DEMO, REFERENCE[0] * 1.8, REFERENCE[1] * 1.8)
+    slow = plan_budget(DEMO, REFERENCE[0] * 1.5, REFERENCE[1] * 1.5, "fp32")
     assert slow.full_minutes > BUDGET_MINUTES and MIN_SCALE < slow.scale < 1
     assert slow.projected_minutes == pytest.approx(BUDGET_MINUTES)
     assert f"{slow.scale:.2f} of the recipe's epochs" in slow.describe()
     # the projection grows with the step and with the epochs
     assert projected_minutes(DEMO, *REFERENCE, 0.5) < projected_minutes(DEMO, *REFERENCE) < slow.full_minutes
+    # bf16 steps project with the bf16 run's overheads
+    assert projected_minutes(DEMO, *REFERENCE[:2], "bf16") > projected_minutes(DEMO, *REFERENCE)
 
 
 def test_never_below_the_checked_share_and_zero_minutes_means_the_whole_recipe():
-    crawl = plan_budget(DEMO, REFERENCE[0] * 5, REFERENCE[1] * 5)
+    crawl = plan_budget(DEMO, REFERENCE[0] * 5, REFERENCE[1] * 5, "fp32")
     assert crawl.scale == MIN_SCALE and crawl.projected_minutes > BUDGET_MINUTES  # says it will take longer
-    assert plan_budget(DEMO, REFERENCE[0] * 5, REFERENCE[1] * 5, minutes=0).scale == 1
+    assert plan_budget(DEMO, REFERENCE[0] * 5, REFERENCE[1] * 5, "fp32", minutes=0).scale == 1
 
 
 def test_scaled_recipe_scales_every_schedule_and_stays_valid():

@@ -153,7 +153,7 @@ def budgeted_recipe(work: Path, name: str, minutes: float) -> tuple[str, str]:
     one_thread = measure_training_step(recipe, bf16=bf16, threads=1)
     threads = cpu_thread_count(demo_environment(work))
     every_thread = measure_training_step(recipe, bf16=bf16, threads=threads) if threads > 1 else one_thread
-    budget = plan_budget(recipe, one_thread, every_thread, minutes)
+    budget = plan_budget(recipe, one_thread, every_thread, "bf16" if bf16 else "fp32", minutes)
     atomic_write_text(path, json.dumps(scaled_recipe(recipe, budget.scale, minutes), indent=2) + "\n")
     return str(path), f"{name} ({'bf16' if bf16 else 'fp32'}; {budget.describe()})"
 

@@ -6,7 +6,8 @@ native bf16 (fp32) than on one with it. So the demo times a training step of its
 first (:func:`~noisy_student_nnunet.step_time.measure_training_step`, a few seconds), projects its own minutes
 from it, and where they exceed the budget trains the same recipe with every schedule's epochs scaled down (the
 poly learning-rate schedule follows the epochs). It never goes below :data:`MIN_SCALE`, the smallest share whose
-fine-tuned student was checked against the demo's targets (docs/experiments.md, "Time by machine").
+fine-tuned student was checked against the demo's targets (docs/experiments.md, "Time by machine"). The
+projection is calibrated on measured demos (:data:`CALIBRATIONS`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,32 @@ from typing import Any
 BUDGET_MINUTES = 20.0
 #: the smallest share of the recipe's epochs the demo trains
 MIN_SCALE = 0.5
-#: the calibration run: ``nsn demo --seed 23 --minutes 0`` under ``benchmarks/bench_demo.py --isa avx2`` (fp32, 2
-#: cores of an AMD EPYC; 16.8 minutes, docs/experiments.md "Time by machine"): its isolated training step (:func:`~noisy_student_nnunet.step_time.measure_training_step`)
-#: took this many seconds with one thread ...
-REFERENCE_STEP_S = 0.149
-#: ... it spent this many minutes outside the training iterations (phantoms, planning, pseudo-labels, start-ups,
-#: validations, the demo's predictions; all CPU work, so taken to grow with the one-thread step) ...
-REFERENCE_FIXED_MINUTES = 1.62
-#: ... a teacher iteration (two folds side by side, one thread each, augmentation in the process) took this many
-#: one-thread steps of wall time ...
-TEACHER_WALL_PER_STEP = 1.22
-#: ... and a lone iteration (student, fine-tune: every thread, augmentation in the process) this many steps with
-#: every thread
-LONE_WALL_PER_STEP = 1.34
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One measured ``nsn demo`` (whole recipe, 2 cores): its isolated one-thread step and where its minutes went.
+
+    Everything is taken to grow with the step: the minutes outside the training iterations (phantoms, planning,
+    pseudo-labels, start-ups, validations, the demo's predictions; all CPU work) with the one-thread step, a
+    teacher iteration (two folds side by side, one thread each) with the one-thread step, a student or fine-tune
+    iteration (every thread) with the every-thread step. Augmentation runs in the training process in both.
+    """
+
+    step_s: float  # the isolated one-thread step (:func:`~noisy_student_nnunet.step_time.measure_training_step`)
+    fixed_minutes: float  # minutes outside the training iterations
+    teacher_wall_per_step: float  # wall seconds of a teacher iteration per second of the one-thread step
+    lone_wall_per_step: float  # wall seconds of a student or fine-tune iteration per second of the every-thread step
+
+
+#: per precision of the trainers' step: ``benchmarks/bench_demo.py --seed 23 --minutes 0 --isa avx2`` (fp32, AVX2
+#: kernels) and ``--seed 0`` (bf16, native), 2 cores of an AMD EPYC with AVX512-BF16: 16.8 and 14.9 minutes
+#: (docs/experiments.md, "Time by machine"). The overheads per step differ between them (augmentation is a larger
+#: share of a faster step), so each precision projects with its own run.
+CALIBRATIONS = {"fp32": Calibration(step_s=0.149, fixed_minutes=1.62, teacher_wall_per_step=1.22,
+                                    lone_wall_per_step=1.34),
+                "bf16": Calibration(step_s=0.103, fixed_minutes=1.86, teacher_wall_per_step=1.43,
+                                    lone_wall_per_step=1.67)}
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,9 @@ class Budget:
                 f"whole recipe: about {self.full_minutes:.0f}; --minutes 0 trains it)")
 
 
-def projected_minutes(recipe: dict[str, Any], step_s: float, step_all_threads_s: float, scale: float = 1.0) -> float:
-    """The demo's minutes on a CPU with these isolated steps, training ``scale`` of the recipe's epochs.
+def projected_minutes(recipe: dict[str, Any], step_s: float, step_all_threads_s: float, precision: str,
+                      scale: float = 1.0) -> float:
+    """The demo's minutes on a CPU with these isolated steps in ``precision``, training ``scale`` of the epochs.
 
     The two teacher folds train side by side (one fold's iterations on the critical path), then the student and
     the fine-tune alone.
@@ -61,21 +76,21 @@ def projected_minutes(recipe: dict[str, Any], step_s: float, step_all_threads_s:
     training, finetune = recipe["training"], recipe["finetune"]
     teacher = training["num_epochs"] * training["num_iterations_per_epoch"]
     lone = teacher + finetune["num_epochs"] * finetune["num_iterations_per_epoch"]
-    fixed = REFERENCE_FIXED_MINUTES * step_s / REFERENCE_STEP_S
-    return fixed + scale * (teacher * TEACHER_WALL_PER_STEP * step_s
-                            + lone * LONE_WALL_PER_STEP * step_all_threads_s) / 60
+    c = CALIBRATIONS[precision]
+    return c.fixed_minutes * step_s / c.step_s + scale * (teacher * c.teacher_wall_per_step * step_s
+                                                          + lone * c.lone_wall_per_step * step_all_threads_s) / 60
 
 
-def plan_budget(recipe: dict[str, Any], step_s: float, step_all_threads_s: float,
+def plan_budget(recipe: dict[str, Any], step_s: float, step_all_threads_s: float, precision: str,
                 minutes: float = BUDGET_MINUTES) -> Budget:
     """The share of epochs that fits ``minutes`` (1 where the whole recipe fits, or where ``minutes`` is 0)."""
-    full = projected_minutes(recipe, step_s, step_all_threads_s)
+    steps = (recipe, step_s, step_all_threads_s, precision)
+    full = projected_minutes(*steps)
     scale = 1.0
     if 0 < minutes < full:
-        fixed = projected_minutes(recipe, step_s, step_all_threads_s, 0.0)
+        fixed = projected_minutes(*steps, 0.0)
         scale = min(1.0, max(MIN_SCALE, (minutes - fixed) / (full - fixed)))
-    return Budget(step_s, step_all_threads_s, scale, projected_minutes(recipe, step_s, step_all_threads_s, scale),
-                  full)
+    return Budget(step_s, step_all_threads_s, scale, projected_minutes(*steps, scale), full)
 
 
 def scaled_recipe(recipe: dict[str, Any], scale: float, minutes: float = BUDGET_MINUTES) -> dict[str, Any]:
