@@ -183,7 +183,9 @@ def run_seed(setting: str, seed: int, work: Path, demo_args: list[str], control:
     seed_work = seed_folder(work, setting, seed)
     nsn = str(Path(sys.executable).parent / "nsn")
     started = time.monotonic()
-    cmd = [nsn, "demo", "-w", str(seed_work), "--seed", str(seed), "--setting", setting, *demo_args]
+    # the whole recipe in every seed (nsn demo would size its epochs to this machine's load at the moment)
+    budget = [] if "--minutes" in demo_args else ["--minutes", "0"]
+    cmd = [nsn, "demo", "-w", str(seed_work), "--seed", str(seed), "--setting", setting, *demo_args, *budget]
     print(f"{setting} seed {seed}: {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         sys.exit(f"nsn demo failed for {setting} seed {seed}; see {seed_work / 'demo.log'}")

@@ -51,12 +51,19 @@ def test_environment_keeps_everything_inside_the_work_folder(tmp_path):
     assert env["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")
     assert env["nnUNet_results"] == str(tmp_path / "nnUNet_results")
     assert "NSN_RECIPE" not in env  # the demo's recipe comes from its plans, not from the user's shell
-    from noisy_student_nnunet.cpu_threads import available_cores
-
-    # augmentation in the training process on a small CPU; threads: all cores (the pipeline splits them by -j)
-    assert env["nnUNet_n_proc_DA"] == ("0" if available_cores() <= 2 else "1") and env["nnUNet_def_n_proc"] == "1"
-    assert "NSN_NUM_THREADS" not in env
+    assert env["nnUNet_def_n_proc"] == "1"
+    assert "NSN_NUM_THREADS" not in env  # threads: all cores (the pipeline splits them among folds side by side)
     assert env["PATH"].endswith("/usr/bin")
+
+
+def test_augmentation_runs_in_the_training_process_on_a_small_cpu(tmp_path, monkeypatch):
+    import noisy_student_nnunet.cpu_threads as cpu_threads
+
+    for cores, workers in ((1, "0"), (2, "0"), (8, "1")):
+        monkeypatch.setattr(cpu_threads, "available_cores", lambda cores=cores: cores)
+        assert demo_environment(tmp_path, base={})["nnUNet_n_proc_DA"] == workers
+        assert int(demo_environment(tmp_path, base={}, device="cuda")["nnUNet_n_proc_DA"]) >= 2
+    assert demo_environment(tmp_path, base={"nnUNet_n_proc_DA": "3"})["nnUNet_n_proc_DA"] == "3"  # the user's own
 
 
 def test_results_document_has_every_stage_organ_time_and_ram():

@@ -75,6 +75,31 @@ def test_the_demo_measures_once_per_work_folder_and_a_rerun_keeps_its_choice(tmp
     assert json.loads((tmp_path / BUDGETED_RECIPE).read_text()) == written
 
 
+def test_an_older_work_folder_keeps_its_planned_recipe_and_another_layout_the_whole_recipe(tmp_path):
+    from noisy_student_nnunet.demo import BUDGETED_RECIPE, budgeted_recipe
+    from noisy_student_nnunet.recipe import PLANS_KEY
+
+    # plans written before the demo sized its epochs: the pipeline will not plan again, so their recipe trains
+    planned_recipe = scaled_recipe(DEMO, 0.7)
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps({"plans_name": "nnUNetLowFootprintPlans", PLANS_KEY: planned_recipe}))
+    path, note = budgeted_recipe(tmp_path / "old", "demo", minutes=0.01, planned=plans)
+    assert load_recipe(path) == planned_recipe and "as planned in" in note and "a training step" not in note
+    # three teacher folds, two student folds, one core...: the budget's calibration does not hold, nothing is scaled
+    path, note = budgeted_recipe(tmp_path / "other", "demo", minutes=0.01, calibrated_layout=False)
+    assert load_recipe(path) == DEMO and "the whole recipe" in note
+    assert (tmp_path / "other" / BUDGETED_RECIPE).is_file()
+
+
+def test_a_share_that_rounds_to_every_epoch_is_the_whole_recipe():
+    # find a step just slow enough for a share above 0.99: 42 and 20 epochs round back to themselves
+    step = REFERENCE[0]
+    while plan_budget(DEMO, step, step * 0.6, "fp32").full_minutes <= BUDGET_MINUTES:
+        step *= 1.001
+    budget = plan_budget(DEMO, step, step * 0.6, "fp32")
+    assert budget.full_minutes > BUDGET_MINUTES and budget.scale == 1 and "the whole recipe" in budget.describe()
+
+
 def test_a_negative_budget_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "noisy_student_nnunet.cli", "demo", "-w", str(tmp_path),
                              "--minutes", "-1"], capture_output=True, text=True, timeout=120)

@@ -132,30 +132,45 @@ def _stream(cmd: list[str], env: dict[str, str], log: Path) -> None:
             raise NsnError(f"`{' '.join(cmd[:2])} ...` failed (exit {process.returncode}); see {log}")
 
 
-def budgeted_recipe(work: Path, name: str, minutes: float) -> tuple[str, str]:
+def budgeted_recipe(work: Path, name: str, minutes: float, planned: Path | None = None,
+                    calibrated_layout: bool = True) -> tuple[str, str]:
     """The recipe file the demo trains with on this CPU, sized from a measured step; (its path, a note on it).
 
-    Written once per work folder (``demo_recipe.json``): a rerun resumes with the epochs the first run chose.
+    Written once per work folder (``demo_recipe.json``): a rerun resumes with the epochs the first run chose. A work
+    folder whose ``planned`` plans exist from before (an older version wrote no such file) keeps their recipe, as the
+    pipeline does. The budget is calibrated for the demo's layout (two teacher folds side by side, one student fold);
+    with another (``calibrated_layout`` false) the whole recipe is trained.
     """
     from noisy_student_nnunet.cpu_threads import cpu_thread_count
     from noisy_student_nnunet.demo_budget import plan_budget, scaled_recipe
     from noisy_student_nnunet.inference.precision import cpu_native_bf16
-    from noisy_student_nnunet.recipe import load_recipe
+    from noisy_student_nnunet.recipe import PLANS_KEY, load_recipe, validate_recipe
     from noisy_student_nnunet.step_time import measure_training_step
 
     path = work / BUDGETED_RECIPE
     if path.is_file():
         chosen = load_recipe(path)
-        return str(path), f"{name} ({chosen['training']['num_epochs']} training epochs, as this work folder chose)"
-    recipe = load_recipe(name)
-    bf16 = cpu_native_bf16()[0]
-    print("  timing a training step of the recipe's network on this CPU", flush=True)
-    one_thread = measure_training_step(recipe, bf16=bf16, threads=1)
-    threads = cpu_thread_count(demo_environment(work))
-    every_thread = measure_training_step(recipe, bf16=bf16, threads=threads) if threads > 1 else one_thread
-    budget = plan_budget(recipe, one_thread, every_thread, "bf16" if bf16 else "fp32", minutes)
-    atomic_write_text(path, json.dumps(scaled_recipe(recipe, budget.scale, minutes), indent=2) + "\n")
-    return str(path), f"{name} ({'bf16' if bf16 else 'fp32'}; {budget.describe()})"
+        return str(path), (f"{name} ({chosen['training']['num_epochs']} training epochs, as this work folder chose "
+                           f"in {path.name}; --minutes applies to a new work folder)")
+    if planned is not None and planned.is_file():
+        recipe = validate_recipe(json.loads(planned.read_text())[PLANS_KEY])
+        note = f"{name} ({recipe['training']['num_epochs']} training epochs, as planned in {planned})"
+    elif not calibrated_layout:
+        recipe = load_recipe(name)
+        note = (f"{name} (the whole recipe: the time budget is calibrated for two teacher folds side by side and one "
+                f"student fold)")
+    else:
+        base = load_recipe(name)
+        bf16 = cpu_native_bf16()[0]
+        print("  timing a training step of the recipe's network on this CPU", flush=True)
+        one_thread = measure_training_step(base, bf16=bf16, threads=1)
+        threads = cpu_thread_count(demo_environment(work))
+        every_thread = measure_training_step(base, bf16=bf16, threads=threads) if threads > 1 else one_thread
+        budget = plan_budget(base, one_thread, every_thread, "bf16" if bf16 else "fp32", minutes)
+        recipe = scaled_recipe(base, budget.scale, minutes)
+        note = f"{name} ({'bf16' if bf16 else 'fp32'}; {budget.describe()})"
+    atomic_write_text(path, json.dumps(recipe, indent=2) + "\n")
+    return str(path), note
 
 
 def predict_and_score(model: DemoModel, dataset_id: int, images: Path, labels: Path, dataset_json: Path,
@@ -273,7 +288,9 @@ def _run_demo(work: Path, dataset_id: int, recipe: str | None, num_labeled: int,
     pipeline_work = work / "pipeline"
     recipe_note = recipe
     if sized_to_cpu:
-        recipe, recipe_note = budgeted_recipe(work, recipe, minutes)
+        planned = Path(env["nnUNet_preprocessed"]) / dataset.name / f"{PLANS}.json"
+        layout = len(folds) == 2 and len(student_folds) == 1 and parallel_folds(device, len(folds)) == ["-j", "2"]
+        recipe, recipe_note = budgeted_recipe(work, recipe, minutes, planned, layout)
     print(f"[2/4] pipeline on {device}, recipe {recipe_note}: plan, teachers, pseudo-labels, student, fine-tune",
           flush=True)
     # the test phantoms are predicted and scored below with every stage's model (the fine-tuned one

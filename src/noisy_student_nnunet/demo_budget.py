@@ -1,8 +1,8 @@
 """The demo's training budget: fewer epochs on a CPU whose measured training step says 20 minutes would not do.
 
-``nsn demo`` promises its table within 20 minutes on 2 cores. Its training (two teacher folds side by side, the
-student, the fine-tune) is most of that time, and a training step costs 1.5 to 2.5 times more on a CPU without
-native bf16 (fp32) than on one with it. So the demo times a training step of its recipe's network on this CPU
+``nsn demo`` aims at its table within 20 minutes on 2 cores. Its training (two teacher folds side by side, the
+student, the fine-tune) is most of that time, and a CPU without native bf16 trains in fp32 (a demo step: 0.27 s on
+an AVX2-only EPYC, against 0.10 s in bf16 on an EPYC with AVX512-BF16). So the demo times a training step of its recipe's network on this CPU
 first (:func:`~noisy_student_nnunet.step_time.measure_training_step`, a few seconds), projects its own minutes
 from it, and where they exceed the budget trains the same recipe with every schedule's epochs scaled down (the
 poly learning-rate schedule follows the epochs). It never goes below :data:`MIN_SCALE`, the smallest share whose
@@ -16,10 +16,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-#: what ``nsn demo`` promises on 2 CPU cores, from start to table
+#: what ``nsn demo`` aims at on 2 CPU cores, from start to table
 BUDGET_MINUTES = 20.0
 #: the smallest share of the recipe's epochs the demo trains
 MIN_SCALE = 0.5
+#: the recipe blocks whose epochs are scaled: teachers and student, fine-tune
+SCHEDULES = ("training", "finetune")
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,23 @@ def projected_minutes(recipe: dict[str, Any], step_s: float, step_all_threads_s:
 
 def plan_budget(recipe: dict[str, Any], step_s: float, step_all_threads_s: float, precision: str,
                 minutes: float = BUDGET_MINUTES) -> Budget:
-    """The share of epochs that fits ``minutes`` (1 where the whole recipe fits, or where ``minutes`` is 0)."""
+    """The share of epochs that fits ``minutes`` (1 where the whole recipe fits, or where ``minutes`` is 0).
+
+    A share whose epochs round to the recipe's own counts is the whole recipe.
+    """
     steps = (recipe, step_s, step_all_threads_s, precision)
     full = projected_minutes(*steps)
     scale = 1.0
     if 0 < minutes < full:
         fixed = projected_minutes(*steps, 0.0)
         scale = min(1.0, max(MIN_SCALE, (minutes - fixed) / (full - fixed)))
+        if all(_scaled_epochs(recipe[block], scale) == recipe[block]["num_epochs"] for block in SCHEDULES):
+            scale = 1.0
     return Budget(step_s, step_all_threads_s, scale, projected_minutes(*steps, scale), full)
+
+
+def _scaled_epochs(schedule: dict[str, Any], scale: float) -> int:
+    return max(1, round(schedule["num_epochs"] * scale))
 
 
 def scaled_recipe(recipe: dict[str, Any], scale: float, minutes: float = BUDGET_MINUTES) -> dict[str, Any]:
@@ -98,9 +109,9 @@ def scaled_recipe(recipe: dict[str, Any], scale: float, minutes: float = BUDGET_
     if scale >= 1:
         return recipe
     scaled = copy.deepcopy(recipe)
-    for block in ("training", "finetune"):
+    for block in SCHEDULES:
         schedule = scaled[block]
-        epochs = max(1, round(schedule["num_epochs"] * scale))
+        epochs = _scaled_epochs(schedule, scale)
         schedule["num_epochs"] = epochs
         schedule["save_every"] = min(schedule["save_every"], epochs)
     scaled["description"] = (f"{recipe['description']} Scaled by nsn demo to {scale:.2f} of its epochs "
