@@ -46,6 +46,7 @@ from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
 from noisy_student_nnunet.errors import CaseError, NsnError, debug_enabled
+from noisy_student_nnunet.inference.heap import map_large_allocations
 from noisy_student_nnunet.inference.export import (
     EXPORT_MODES,
     NEAREST,
@@ -178,6 +179,8 @@ class LowFootprintPredictor(nnUNetPredictor):
         self.failed_cases: dict[str, str] = {}  #: case id -> why, of the last predict_from_files
         self.precision: Precision = choose_precision(precision, self.device)
         self.backend: Backend = choose_backend(backend, self.device)
+        if self.backend.name == "openvino":
+            map_large_allocations()  # a lower peak RSS (see heap.py), set before the first case is read
         self.model_folder: Optional[str] = None  #: where the OpenVINO cache goes beside the model
         self._openvino = None  # OpenVinoRunner, made at the first patch (it needs the input shape)
         self._loaded_weights: Optional[dict] = None  # the entry of list_of_parameters the network holds now
@@ -331,6 +334,9 @@ class LowFootprintPredictor(nnUNetPredictor):
                         prediction *= gaussian
                     self._add_patch_(predicted_logits, sl, prediction)
                     n_predictions[sl[1:]] += gaussian
+                    # released before the next patch's network call: held, they would make that call's output
+                    # (C x patch, 96 MB for 14 classes and a 40x224x192 patch) a second one at the peak
+                    prediction = workon = None
                     queue.task_done()
                     pbar.update()
             queue.join()
