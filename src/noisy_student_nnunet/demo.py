@@ -133,13 +133,14 @@ def _stream(cmd: list[str], env: dict[str, str], log: Path) -> None:
 
 
 def budgeted_recipe(work: Path, name: str, minutes: float, planned: Path | None = None,
-                    calibrated_layout: bool = True) -> tuple[str, str]:
+                    calibrated_layout: bool = True, threads: int | None = None) -> tuple[str, str]:
     """The recipe file the demo trains with on this CPU, sized from a measured step; (its path, a note on it).
 
     Written once per work folder (``demo_recipe.json``): a rerun resumes with the epochs the first run chose. A work
     folder whose ``planned`` plans exist from before (an older version wrote no such file) keeps their recipe, as the
     pipeline does. The budget is calibrated for the demo's layout (two teacher folds side by side, one student fold);
-    with another (``calibrated_layout`` false) the whole recipe is trained.
+    with another (``calibrated_layout`` false) the whole recipe is trained. ``threads``: those a lone training gets
+    (default: :func:`~noisy_student_nnunet.cpu_threads.cpu_thread_count` of this process).
     """
     from noisy_student_nnunet.cpu_threads import cpu_thread_count
     from noisy_student_nnunet.demo_budget import plan_budget, scaled_recipe
@@ -164,7 +165,7 @@ def budgeted_recipe(work: Path, name: str, minutes: float, planned: Path | None 
         bf16 = cpu_native_bf16()[0]
         print("  timing a training step of the recipe's network on this CPU", flush=True)
         one_thread = measure_training_step(base, bf16=bf16, threads=1)
-        threads = cpu_thread_count(demo_environment(work))
+        threads = threads or cpu_thread_count()
         every_thread = measure_training_step(base, bf16=bf16, threads=threads) if threads > 1 else one_thread
         budget = plan_budget(base, one_thread, every_thread, "bf16" if bf16 else "fp32", minutes)
         recipe = scaled_recipe(base, budget.scale, minutes)
@@ -290,7 +291,9 @@ def _run_demo(work: Path, dataset_id: int, recipe: str | None, num_labeled: int,
     if sized_to_cpu:
         planned = Path(env["nnUNet_preprocessed"]) / dataset.name / f"{PLANS}.json"
         layout = len(folds) == 2 and len(student_folds) == 1 and parallel_folds(device, len(folds)) == ["-j", "2"]
-        recipe, recipe_note = budgeted_recipe(work, recipe, minutes, planned, layout)
+        from noisy_student_nnunet.cpu_threads import cpu_thread_count
+
+        recipe, recipe_note = budgeted_recipe(work, recipe, minutes, planned, layout, cpu_thread_count(env))
     print(f"[2/4] pipeline on {device}, recipe {recipe_note}: plan, teachers, pseudo-labels, student, fine-tune",
           flush=True)
     # the test phantoms are predicted and scored below with every stage's model (the fine-tuned one
