@@ -7,7 +7,13 @@
 - :mod:`.preprocessing`: stock's preprocessing with slice-wise resampling (same array, less memory).
 - :mod:`.backend`: what runs the network (``--backend auto|torch|openvino``); :mod:`.openvino_backend`: the
   network converted once to OpenVINO, cached, compiled once per process.
+- :mod:`.lazy_dynamo`: keeps ``torch._dynamo`` (158 MB, 2.7 s) unimported until something compiles.
 """
+
+from noisy_student_nnunet.inference.lazy_dynamo import defer_dynamo_import
+
+defer_dynamo_import()  # before stock's predictor module is imported (here, through .export and .predictor)
+
 
 from noisy_student_nnunet.inference.export import (
     EXPORT_MODES,

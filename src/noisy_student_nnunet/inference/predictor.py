@@ -42,11 +42,12 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
-from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
 from noisy_student_nnunet.errors import CaseError, NsnError, debug_enabled
 from noisy_student_nnunet.inference.heap import map_large_allocations
+from noisy_student_nnunet.inference.lazy_dynamo import OptimizedModule
+from noisy_student_nnunet.inference.model_loading import load_trained_model
 from noisy_student_nnunet.inference.export import (
     EXPORT_MODES,
     NEAREST,
@@ -190,21 +191,27 @@ class LowFootprintPredictor(nnUNetPredictor):
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
                                              checkpoint_name: str = "checkpoint_final.pth"):
-        """Stock's, but a damaged or incompatible model file (truncated or foreign checkpoint, weights that do not
-        fit the network ``plans.json`` builds, for any fold) is an NsnError naming the file
-        (:mod:`noisy_student_nnunet.model_files`), not a torch traceback or a failure after the first case."""
+        """Stock's (read by :func:`~noisy_student_nnunet.inference.model_loading.load_trained_model`, without
+        stock's import of every nnU-Net trainer), but a damaged or incompatible model file (truncated or foreign
+        checkpoint, weights that do not fit the network ``plans.json`` builds, for any fold) is an NsnError naming
+        the file (:mod:`noisy_student_nnunet.model_files`), not a torch traceback or a failure after the first
+        case."""
         from noisy_student_nnunet import model_files
 
         try:
-            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+            folds = use_folds if use_folds is not None else \
+                self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+            folds = [folds] if isinstance(folds, str) else list(folds)
+            model = load_trained_model(model_training_output_dir, folds, checkpoint_name)
         except NsnError:
             raise
         except Exception as error:
             raise model_files.diagnose(model_training_output_dir, use_folds, checkpoint_name, error) from None
-        folds = use_folds if use_folds is not None else \
-            self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
-        model_files.check_folds_fit(self.network, self.list_of_parameters, model_training_output_dir,
-                                    [folds] if isinstance(folds, str) else folds, checkpoint_name)
+        self.manual_initialization(model.network, model.plans_manager, model.configuration_manager,
+                                   model.parameters, model.dataset_json, model.trainer_name,
+                                   model.inference_allowed_mirroring_axes)
+        model_files.check_folds_fit(self.network, self.list_of_parameters, model_training_output_dir, folds,
+                                    checkpoint_name)
         self.model_folder = model_training_output_dir
 
     # ------------------------------------------------------------------ prediction of logits

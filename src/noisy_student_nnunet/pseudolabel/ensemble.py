@@ -106,7 +106,7 @@ class TeacherEnsemble:
         return int(self.label_manager.num_segmentation_heads)
 
     def _load_fold(self, index: int) -> None:
-        from torch._dynamo import OptimizedModule
+        from noisy_student_nnunet.inference.lazy_dynamo import OptimizedModule  # no torch._dynamo import
 
         network = self.predictor.network
         params = self.predictor.list_of_parameters[index]
