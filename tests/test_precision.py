@@ -69,9 +69,13 @@ def test_detection_reads_this_cpu(monkeypatch):
         choose_precision("fp16", "cpu")
 
 
-def test_auto_chooses_fp32_on_a_cpu_without_bf16(random_model, tmp_path):
+def test_auto_chooses_fp32_on_a_cpu_without_bf16(random_model, tmp_path, monkeypatch):
     """The Must-show: NSN_CPU_BF16=0 stands for a CPU without native bf16; auto then runs fp32 and says why,
-    giving exactly ``--precision fp32``'s labels. NSN_CPU_BF16=1: auto runs bf16, exactly ``--precision bf16``."""
+    giving exactly ``--precision fp32``'s labels. NSN_CPU_BF16=1: auto runs bf16, exactly ``--precision bf16``.
+    OpenVINO (the CPU default) runs bf16 only where the CPU has it: elsewhere it runs f32 and the log says so;
+    torch emulates bf16 on every CPU."""
+    monkeypatch.delenv(ENV_CPU_BF16, raising=False)
+    native, _ = cpu_native_bf16()
     results, inputs = random_model
     log, auto_off = _predict(_env(results, NSN_CPU_BF16="0"), inputs, tmp_path / "auto_off", RANDOM_DATASET)
     assert "precision fp32 on cpu: auto: NSN_CPU_BF16=0 set" in log
@@ -84,7 +88,18 @@ def test_auto_chooses_fp32_on_a_cpu_without_bf16(random_model, tmp_path):
                          "--precision", "bf16")
     assert "precision bf16 on cpu: asked for, although NSN_CPU_BF16=0 set" in log  # explicit wins, with a warning
     np.testing.assert_array_equal(auto_on, bf16)
-    assert (bf16 != fp32).any()  # random weights: near-ties everywhere, so bf16 did run
+    if native:
+        assert "runs fp32, not bf16" not in log
+        assert (bf16 != fp32).any()  # random weights: near-ties everywhere, so bf16 did run
+    else:  # a real CPU without bf16: OpenVINO ran f32 and said so
+        assert "OpenVINO: runs fp32, not bf16: this CPU has no native bf16" in log
+        np.testing.assert_array_equal(bf16, fp32)
+
+    _, torch_fp32 = _predict(_env(results), inputs, tmp_path / "torch_fp32", RANDOM_DATASET,
+                             "--precision", "fp32", "--backend", "torch")
+    _, torch_bf16 = _predict(_env(results), inputs, tmp_path / "torch_bf16", RANDOM_DATASET,
+                             "--precision", "bf16", "--backend", "torch")
+    assert (torch_bf16 != torch_fp32).any()  # torch ran bf16, natively or emulated
 
 
 def test_pseudolabel_ensemble_takes_the_precision(random_model, monkeypatch):

@@ -39,6 +39,14 @@ ENV_CACHE = "NSN_OPENVINO_CACHE"
 CACHE_FOLDER = "openvino_cache"  #: beside the model
 FORMAT = 1  #: bump when what an entry holds changes
 _HINTS = {"fp32": "f32", "bf16": "bf16"}  #: our precision name -> OpenVINO's INFERENCE_PRECISION_HINT
+_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  #: OpenVINO's element type -> our precision name
+
+
+def compiled_precision(compiled) -> str:
+    """The precision a compiled model runs in. OpenVINO's CPU plugin drops a bf16 hint on a CPU without native bf16
+    (AVX2 only: no emulation) and runs f32 instead, without a word; the compiled model's property says which."""
+    element = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return _NAMES.get(element, element)
 
 
 def openvino_version() -> str:
@@ -206,6 +214,7 @@ class OpenVinoRunner:
         self.threads = threads
         self.max_compiled = max(1, int(max_compiled))
         self.progress = progress
+        self.ran_precision: Optional[str] = None  #: what the last compiled model runs in (see compiled_precision)
         self._compiled: "OrderedDict[str, tuple]" = OrderedDict()  # digest -> (compiled model, infer request)
         self._version: Optional[tuple] = None
         self._digest: Optional[str] = None
@@ -266,8 +275,12 @@ class OpenVinoRunner:
         except Exception as error:  # noqa: BLE001  e.g. bf16 asked for where OpenVINO cannot run it
             raise NsnError(f"OpenVINO cannot compile the network (precision {self.precision}): "
                            f"{error_message(error)}") from None
+        self.ran_precision = compiled_precision(compiled)
+        if self.ran_precision != self.precision:
+            _say(f"runs {self.ran_precision}, not {self.precision}: this CPU has no native {self.precision}, which "
+                 f"OpenVINO does not emulate (--backend torch emulates it, slowly)")
         if self.progress:
-            _say(f"compiled in {time.perf_counter() - start:.2f} s ({self.precision}, "
+            _say(f"compiled in {time.perf_counter() - start:.2f} s ({self.ran_precision}, "
                  f"{compiled.get_property('INFERENCE_NUM_THREADS')} threads)")
         request = compiled.create_infer_request()
         self._compiled[digest] = (compiled, request)
