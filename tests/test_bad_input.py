@@ -418,3 +418,39 @@ def test_written_files_have_the_umasks_permissions(label_folders, tmp_path, comm
     for path in files:
         assert path.stat().st_mode & 0o777 == mode, (path, oct(path.stat().st_mode))  # 0600 before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_read_checked_trusts_a_read_only_once_its_gzip_stream_checks_out(tmp_path):
+    """The gzip check runs beside the reader's read: a cut stream is a CaseError naming the file whether the read
+    returned (SimpleITK reads the missing voxels as zeros) or failed; on a whole file the read's result, or its own
+    error, comes through."""
+    import SimpleITK as sitk
+
+    from noisy_student_nnunet.errors import CaseError
+    from noisy_student_nnunet.io_checks import read_checked
+
+    whole = tmp_path / "whole_0000.nii.gz"
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (40, 64, 64)).astype(np.int16))
+    image.SetSpacing((0.8, 0.8, 2.5))
+    sitk.WriteImage(image, str(whole), True)
+    cut = truncate(whole, tmp_path / "cut_0000.nii.gz")
+
+    def read(path: Path):
+        return lambda: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+    assert read_checked([whole], 1, read(whole)).shape == (40, 64, 64)
+    assert read(cut)().shape == (40, 64, 64)  # the reader alone takes the cut file
+    with pytest.raises(CaseError, match="cut_0000.nii.gz: truncated file"):
+        read_checked([cut], 1, read(cut))
+
+    def failing():
+        raise RuntimeError("reader failed")
+
+    with pytest.raises(CaseError, match="cut_0000.nii.gz: truncated file"):
+        read_checked([cut], 1, failing)
+    with pytest.raises(RuntimeError, match="reader failed"):
+        read_checked([whole], 1, failing)
+    with pytest.raises(CaseError, match="expects 2"):
+        read_checked([whole], 2, read(whole))
+    with pytest.raises(CaseError, match="missing_0000.nii.gz: file not found"):
+        read_checked([tmp_path / "missing_0000.nii.gz"], 1, read(whole))

@@ -59,8 +59,8 @@ from noisy_student_nnunet.cpu_threads import available_cores
 from noisy_student_nnunet.inference.backend import Backend, choose_backend
 from noisy_student_nnunet.inference.precision import Precision, choose_precision
 from noisy_student_nnunet.inference.preprocessing import preprocess_case
-from noisy_student_nnunet.io_checks import check_case_files, check_channels_read, group_case_files, \
-    name_unreadable_file, num_input_channels
+from noisy_student_nnunet.io_checks import check_channels_read, group_case_files, name_unreadable_file, \
+    num_input_channels, read_checked
 
 FOLD_COMBINATIONS = ("logits", "softmax")
 
@@ -119,9 +119,10 @@ def iterate_preprocessed_cases(
 
     def preprocess(i: int) -> dict:
         prev_stage = seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None
-        check_case_files(list_of_lists[i], num_channels)  # a truncated .nii.gz reads "fine" otherwise
-        data, properties = preprocess_case(list_of_lists[i], prev_stage, plans_manager, configuration_manager,
-                                           dataset_json, verbose, resample_threads)
+        # a truncated .nii.gz reads "fine": its stream is checked beside the read
+        data, properties = read_checked(list_of_lists[i], num_channels, lambda: preprocess_case(
+            list_of_lists[i], prev_stage, plans_manager, configuration_manager, dataset_json, verbose,
+            resample_threads))
         if prev_stage is None:
             check_channels_read(list_of_lists[i], data.shape[0], num_channels)  # a 4D file holds several
         if not np.isfinite(data).all():

@@ -27,8 +27,8 @@ from noisy_student_nnunet.errors import CaseError, NsnError
 from noisy_student_nnunet.locks import FolderBusy, folder_lock, holder_if_held
 from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.written import WriteFailed
-from noisy_student_nnunet.io_checks import (InputCases, check_case_files, check_channels_read, group_case_files,
-                                            name_unreadable_file, num_input_channels)
+from noisy_student_nnunet.io_checks import (InputCases, check_channels_read, group_case_files, name_unreadable_file,
+                                            num_input_channels, read_checked)
 from noisy_student_nnunet.pseudolabel import confidence as conf
 from noisy_student_nnunet.pseudolabel import dataset as ds
 
@@ -124,10 +124,12 @@ def labeled_case_ids(labeled_dataset: str, file_ending: str) -> set[str]:
 
 
 def _read_case(files: Sequence[Path], plans_manager, num_channels: int) -> tuple[np.ndarray, dict]:
-    check_case_files(files, num_channels, expects="the teacher")  # a truncated .nii.gz reads "fine" otherwise
     reader = plans_manager.image_reader_writer_class()
-    try:
-        data, properties = reader.read_images([str(f) for f in files])
+    try:  # a truncated .nii.gz reads "fine": its stream is checked beside the read
+        data, properties = read_checked(files, num_channels, lambda: reader.read_images([str(f) for f in files]),
+                                        expects="the teacher")
+    except CaseError:
+        raise
     except Exception as error:  # find the file that failed, to name it
         raise CaseError(name_unreadable_file(files, plans_manager.image_reader_writer_class, error)) from None
     check_channels_read(files, data.shape[0], num_channels, expects="the teacher")
