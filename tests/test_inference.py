@@ -487,3 +487,39 @@ def test_cuda_export_equals_cpu_export():
         cpu = labels_in_original_geometry(torch.from_numpy(logits), pm, cm, lm, props, mode)
         gpu = labels_in_original_geometry(torch.from_numpy(logits).cuda(), pm, cm, lm, props, mode)
         assert (cpu == gpu).mean() > 0.9999
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+def test_patch_accumulation_in_steps_equals_stock(monkeypatch, two_d):
+    """Adding a patch to the fp16 accumulators a few planes and one class at a time gives stock's numbers
+    (``predicted_logits[sl] += prediction``, ``n_predictions[sl[1:]] += gaussian``) bit for bit."""
+    from noisy_student_nnunet.inference import predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "ADD_STEP_BYTES", 3 * 4 * 24 * 20)  # 3 planes of a 24x20 patch per step
+    generator = torch.Generator().manual_seed(0)
+    patch = (24, 20) if two_d else (11, 24, 20)
+    sl = (slice(None), 4, slice(3, 27), slice(5, 25)) if two_d else (slice(None), slice(2, 13), slice(3, 27),
+                                                                      slice(5, 25))
+    ours = torch.randn((5, 16, 30, 30), generator=generator).half()
+    ours_n = torch.rand((16, 30, 30), generator=generator).half()
+    stock, stock_n = ours.clone(), ours_n.clone()
+    for weights in (torch.rand(patch, generator=generator) * 10, 1):
+        prediction = torch.randn((5, *patch), generator=generator) * 7
+        stock[sl] += prediction
+        stock_n[sl[1:]] += weights
+        LowFootprintPredictor._add_patch_(ours, ours_n, sl, prediction, weights)
+        assert torch.equal(ours, stock) and torch.equal(ours_n, stock_n)
+
+
+@pytest.mark.parametrize("tile_size", [(40, 224, 192), (17, 33, 31), (5, 80, 7), (1, 64, 64), (128, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_separable_gaussian_equals_stock(tile_size, dtype):
+    """The importance map from three 1-D filters equals stock's 3-D ``gaussian_filter`` of a delta, bit for bit."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian as stock_gaussian
+
+    from noisy_student_nnunet.inference.gaussian import compute_gaussian
+
+    for scaling in (1, 10):
+        stock = stock_gaussian(tile_size, 1. / 8, scaling, dtype, torch.device("cpu"))
+        ours = compute_gaussian(tile_size, 1. / 8, scaling, dtype, torch.device("cpu"))
+        assert ours.dtype == stock.dtype and torch.equal(ours, stock)

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 from tqdm import tqdm
 
 from noisy_student_nnunet.errors import CaseError, NsnError, debug_enabled
+from noisy_student_nnunet.inference.gaussian import compute_gaussian
 from noisy_student_nnunet.inference.heap import map_large_allocations
 from noisy_student_nnunet.inference.lazy_dynamo import OptimizedModule
 from noisy_student_nnunet.inference.model_loading import load_trained_model
@@ -146,6 +146,10 @@ def iterate_preprocessed_cases(
                 pending.append(pool.submit(one, next_case))
                 next_case += 1
             yield pending.popleft().result()
+
+
+#: at most this many bytes of fp32 per step of adding a patch to the accumulators (below heap.py's mmap threshold)
+ADD_STEP_BYTES = 512 * 1024
 
 
 class LowFootprintPredictor(nnUNetPredictor):
@@ -340,8 +344,7 @@ class LowFootprintPredictor(nnUNetPredictor):
                     prediction = self._internal_maybe_mirror_and_predict(workon)[0].to(results_device)
                     if self.use_gaussian:
                         prediction *= gaussian
-                    self._add_patch_(predicted_logits, sl, prediction)
-                    n_predictions[sl[1:]] += gaussian
+                    self._add_patch_(predicted_logits, n_predictions, sl, prediction, gaussian)
                     # released before the next patch's network call: held, they would make that call's output
                     # (C x patch, 96 MB for 14 classes and a 40x224x192 patch) a second one at the peak
                     prediction = workon = None
@@ -363,12 +366,26 @@ class LowFootprintPredictor(nnUNetPredictor):
             raise
 
     @staticmethod
-    def _add_patch_(predicted_logits: torch.Tensor, sl: tuple, prediction: torch.Tensor) -> None:
-        """``predicted_logits[sl] += prediction``, one class at a time: adding fp32 to the fp16 accumulator in one go
-        makes torch allocate an fp32 temporary of the whole patch (C x patch, 96 MB for 14 classes and a 40x224x192
-        patch) at the moment memory peaks; per class it is 1/C of that. Same numbers (each element is cast alike)."""
-        for c in range(prediction.shape[0]):
-            predicted_logits[(c, *sl[1:])] += prediction[c]
+    def _add_patch_(predicted_logits: torch.Tensor, n_predictions: torch.Tensor, sl: tuple,
+                    prediction: torch.Tensor, weights: torch.Tensor | float) -> None:
+        """``predicted_logits[sl] += prediction`` and ``n_predictions[sl[1:]] += weights``, a few planes of one class
+        at a time. Adding fp32 to the fp16 accumulators, torch casts through an fp32 temporary the size of the
+        operands: for the whole patch that is C x patch (96 MB for 14 classes and a 40x224x192 patch) at the moment
+        memory peaks; per class it is 7 MB, which the OpenVINO predictor maps afresh from the kernel every time
+        (inference/heap.py), with page faults (80 ms per patch, measured, against 17 ms in steps of at most
+        ADD_STEP_BYTES, whose temporaries the heap reuses). Same numbers: each element is cast alike."""
+        first = sl[1]
+        if not isinstance(first, slice):  # a 2D configuration: sl[1] indexes one plane, patches are small
+            for c in range(prediction.shape[0]):
+                predicted_logits[(c, *sl[1:])] += prediction[c]
+            n_predictions[sl[1:]] += weights
+            return
+        planes = max(1, ADD_STEP_BYTES // (4 * prediction[0, 0].numel()))
+        for z in range(0, prediction.shape[1], planes):
+            here = (slice(first.start + z, first.start + min(z + planes, prediction.shape[1])), *sl[2:])
+            for c in range(prediction.shape[0]):
+                predicted_logits[(c, *here)] += prediction[c, z:z + planes]
+            n_predictions[here] += weights[z:z + planes] if isinstance(weights, torch.Tensor) else weights
 
     @staticmethod
     def _accumulate(total: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
