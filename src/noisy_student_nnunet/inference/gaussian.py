@@ -26,7 +26,8 @@ def _filtered_delta(size: int, sigma: float) -> np.ndarray:
 
 @lru_cache(maxsize=2)
 def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1. / 8, value_scaling_factor: float = 1,
-                     dtype: torch.dtype = torch.float16, device: torch.device = torch.device("cuda", 0)) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float16,
+                     device: torch.device = torch.device("cuda", 0)) -> torch.Tensor:
     """Stock's ``nnunetv2.inference.sliding_window_prediction.compute_gaussian``, same arguments, same numbers."""
     tile_size = tuple(int(s) for s in tile_size)
     gaussian = None
