@@ -37,7 +37,6 @@ def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1. / 8, valu
         shape[axis] = size
         profile = profile.reshape(shape)
         gaussian = profile if gaussian is None else gaussian * profile
-    gaussian = np.broadcast_to(gaussian, tile_size).copy() if gaussian.shape != tile_size else gaussian
     gaussian /= (np.max(gaussian) / value_scaling_factor)
     gaussian = torch.from_numpy(gaussian).to(device=device, dtype=dtype)
     mask = gaussian == 0  # cannot be 0, otherwise we may end up with nans (stock's rule)
