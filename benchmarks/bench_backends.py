@@ -156,20 +156,44 @@ def stages_worker(model: str, inputs: str, out: str, backend: str) -> dict:
     return result
 
 
-def stages(model: Path, inputs: Path, out_root: Path, env: dict) -> list[dict]:
+def copies_of_the_case(inputs: Path, root: Path, n: int) -> Path:
+    """A folder of ``n`` hard links (copies where links fail) to the one case of ``inputs``."""
+    if n <= 1:
+        return inputs
+    (image,) = sorted(inputs.glob("*_0000.nii.gz"))
+    folder = root / f"stages_in_{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        target = folder / f"copy{i:02d}_0000.nii.gz"
+        try:
+            os.link(image, target)
+        except OSError:
+            shutil.copy(image, target)
+    return folder
+
+
+def stages(model: Path, inputs: Path, out_root: Path, env: dict, cases: int = 1) -> list[dict]:
+    """Each backend in a fresh process over ``cases`` copies of the case; besides the totals, what one case costs
+    once imports and start-up are paid (a folder's steady state): ``per case`` and ``per case / network``."""
     rows = []
+    folder = copies_of_the_case(inputs, out_root, cases)
     for backend in ("torch", "openvino"):
         out = out_root / f"stages_{backend}"
         shutil.rmtree(out, ignore_errors=True)
-        result = run_worker(__file__, ["--stages_worker", str(model), str(inputs), str(out), backend], env=env)
+        result = run_worker(__file__, ["--stages_worker", str(model), str(folder), str(out), backend], env=env)
+        result["cases"] = cases
+        result["per_case"] = (result["total"] - result["imports"] - result["start-up"]) / cases
+        result["per_case_ratio"] = result["per_case"] / max(1e-9, result["network"] / cases)
         rows.append(result)
     return rows
 
 
 def print_stages(rows: list[dict], title: str) -> None:
     print(f"\nWhere the time goes ({title}; fresh process, no worker threads, warm cache), seconds:")
-    columns = [("backend", "backend")] + [(s, s) for s in STAGES] + [("total", "end to end"),
-                                                                   ("ratio", "end to end / network")]
+    columns = [("backend", "backend"), ("cases", "cases")] + [(s, s) for s in STAGES] + [
+        ("total", "end to end"), ("ratio", "end to end / network"), ("per_case", "per case, after start-up"),
+        ("per_case_ratio", "per case / network")]
     for r in rows:
         r["ratio"] = r["total"] / max(1e-9, r["network"])
     print(table(rows, columns))
@@ -264,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder_runs", nargs="*", choices=list(RUNS), default=["stock_notta", "torch", "ov"],
                         help="runs on the folder of 10 mixed cases (none: skip the folder)")
     parser.add_argument("--no_stages", dest="stages", action="store_false")
+    parser.add_argument("--stage_cases", type=int, default=1,
+                        help="copies of the case the stage timing predicts in one process (stage columns are sums "
+                             "over them; 'per case' is one case's cost once imports and start-up are paid)")
     parser.add_argument("--isa", choices=list(ISA_CAPS), default=None,
                         help="cap every run's kernels (stock's too) at this instruction set and take the fp32 path: "
                              "avx2 runs what an AVX2-only CPU runs, at this CPU's clock (see _common.ISA_CAPS)")
@@ -284,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows = run_set(args.runs, case.inputs, case.root, env, cache, "one")
     stage_env = {**env, "NSN_OPENVINO_CACHE": str(cache_for(cache, {}))}  # warm after the "ov" runs above
-    stage_rows = stages(case.model, case.inputs, case.root, stage_env) if args.stages else []
+    stage_rows = stages(case.model, case.inputs, case.root, stage_env, args.stage_cases) if args.stages else []
     folder_rows = []
     if args.folder_runs:
         folder = mixed_folder(Path(args.workdir))
@@ -301,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(g.1) one case {case.shape} at {case.spacing} mm:")
     print(table(rows, columns))
     if stage_rows:
-        print_stages(stage_rows, f"one case {case.shape}")
+        print_stages(stage_rows, f"{args.stage_cases} x the case {case.shape}")
     if folder_rows:
         print("\n(g.3) folder of 10 mixed cases (sizes 36-80 x 160-256 x 160-256, spacings 2-3.5 x 1-1.7 mm, axis "
               "flips):")
