@@ -457,7 +457,8 @@ def test_cli_errors_are_one_line(results_env, monkeypatch, capsys, tmp_path, ext
 
 
 def test_cli_accepts_every_stock_argument():
-    """Each option of stock nnUNetv2_predict parses here with the same destination and default."""
+    """Each option of stock nnUNetv2_predict parses here with the same destination and default, but -npp, whose
+    default is capped by the cores (documented in predict_cli)."""
     import argparse
     from unittest import mock
 
@@ -477,7 +478,7 @@ def test_cli_accepts_every_stock_argument():
     for dest, action in stock_actions.items():
         assert dest in ours, dest
         assert ours[dest].option_strings == action.option_strings, dest
-        assert ours[dest].default == action.default, dest
+        assert ours[dest].default == action.default or dest == "npp", dest
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -523,3 +524,20 @@ def test_separable_gaussian_equals_stock(tile_size, dtype):
         stock = stock_gaussian(tile_size, 1. / 8, scaling, dtype, torch.device("cpu"))
         ours = compute_gaussian(tile_size, 1. / 8, scaling, dtype, torch.device("cpu"))
         assert ours.dtype == stock.dtype and torch.equal(ours, stock)
+
+
+def test_preprocessing_workers_default_to_the_cores_less_one(monkeypatch):
+    """``-npp`` unset: $nnUNet_npp where set, else stock's 3 capped at the usable cores minus one, at least one."""
+    from noisy_student_nnunet import predict_cli
+    from noisy_student_nnunet.cpu_threads import available_cores
+
+    monkeypatch.setenv("nnUNet_npp", "5")
+    assert predict_cli.default_preprocessing_workers() == 5
+    monkeypatch.delenv("nnUNet_npp")
+    assert predict_cli.default_preprocessing_workers() == max(1, min(3, available_cores() - 1))
+    monkeypatch.setattr("noisy_student_nnunet.cpu_threads.available_cores", lambda: 2)
+    assert predict_cli.default_preprocessing_workers() == 1
+    monkeypatch.setattr("noisy_student_nnunet.cpu_threads.available_cores", lambda: 16)
+    assert predict_cli.default_preprocessing_workers() == 3
+    npp = next(a for a in predict_cli.build_parser()._actions if a.dest == "npp")
+    assert npp.default is None  # decided in main, after the command line
