@@ -61,42 +61,38 @@ def read_gzip_stream(path: str | Path) -> bytes:
         return handle.read()
 
 
+def _require_file(path: str | Path) -> None:
+    if not Path(path).is_file():
+        raise CaseError(f"{path}: file not found")
+
+
+def _is_gzip(path: str | Path) -> bool:
+    return str(path).endswith(".gz")
+
+
 def check_image_file(path: str | Path) -> None:
     """An input image exists and, if gzip-compressed, is complete."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaseError(f"{path}: file not found")
-    if path.name.endswith(".gz"):
+    _require_file(path)
+    if _is_gzip(path):
         check_gzip_stream(path)
-
-
-def _check_channel_count(files: Sequence[str | Path], num_channels: int, expects: str) -> None:
-    if len(files) != num_channels:
-        raise CaseError(f"{files[0] if files else '(no file)'}: case has {len(files)} channel file(s), {expects} "
-                        f"expects {num_channels} (_0000 to _{num_channels - 1:04d})")
-
-
-def check_case_files(files: Sequence[str | Path], num_channels: int, expects: str = "the model") -> None:
-    """One case's images: one file per channel the model was trained with, each complete."""
-    _check_channel_count(files, num_channels, expects)
-    for path in files:
-        check_image_file(path)
 
 
 def read_checked(files: Sequence[str | Path], num_channels: int, read: Callable[[], T],
                  expects: str = "the model") -> T:
-    """``read()`` (which reads ``files``) once :func:`check_case_files` holds for them, the gzip streams being
-    checked in a thread beside the read rather than before it.
+    """``read()`` (which reads ``files``) once the case's files pass the checks: one file per channel the model was
+    trained with, each present and, if gzip-compressed, complete. The gzip streams are checked in a thread beside
+    the read rather than before it.
 
     The check decompresses each stream and so does the reader: side by side they take one decompression's time
-    on two cores instead of two (measured, a 523x433x269 CT of 64 MB: check 0.55-0.60 s, SimpleITK read
-    0.45-0.52 s, both side by side 0.62-0.64 s; zlib and SimpleITK release the GIL). Whatever ``read`` returned is
-    used only if the check passes; if both fail, the check's error wins (it names the file and what is wrong)."""
-    _check_channel_count(files, num_channels, expects)
+    on two cores instead of two (``benchmarks/bench_case_overheads.py``; zlib and SimpleITK release the GIL).
+    Whatever ``read`` returned is used only if the check passes; if both fail, the check's error wins (it names
+    the file and what is wrong)."""
+    if len(files) != num_channels:
+        raise CaseError(f"{files[0] if files else '(no file)'}: case has {len(files)} channel file(s), {expects} "
+                        f"expects {num_channels} (_0000 to _{num_channels - 1:04d})")
     for path in files:
-        if not Path(path).is_file():
-            raise CaseError(f"{path}: file not found")
-    streams = [path for path in files if str(path).endswith(".gz")]
+        _require_file(path)
+    streams = [path for path in files if _is_gzip(path)]
     if not streams:
         return read()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsn-gzip-check") as pool:

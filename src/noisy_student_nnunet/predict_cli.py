@@ -46,10 +46,9 @@ def _default_int(env: str, default: int) -> int:
 def default_preprocessing_workers(stock_default: int = 3) -> int:
     """``$nnUNet_npp``, else stock's 3 capped at the usable cores minus one (at least 1).
 
-    Each worker preprocesses one case ahead while the network runs. On 2 cores (EPYC with AVX512-BF16, OpenVINO,
-    measured): 3 copies of a 523x433x269 CT took 40.95 s at 3.40 GB with 3 workers, 38.69 s at 2.23 GB with 1 and
-    39.33 s at 2.09 GB with none; 10 small mixed cases 23.67, 23.54 and 27.02 s. One is the whole gain there, and
-    every further one holds another case's resampling buffers (about 0.75 GB for that CT)."""
+    Each worker preprocesses one case ahead while the network runs, holding that case's resampling buffers (its
+    float32 image and padded float64 copy: 0.73 GB for a 523x433x269 CT); on 2 cores one worker already keeps the
+    network fed (measured with -npp 0, 1 and 3: see the issue 20 note of 2026-12-06)."""
     if os.environ.get("nnUNet_npp"):
         return _default_int("nnUNet_npp", stock_default)
     from noisy_student_nnunet.cpu_threads import available_cores

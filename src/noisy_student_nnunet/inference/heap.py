@@ -9,8 +9,9 @@ from 1979 to 1887 MB at no measurable cost in time (22.7 s against 21.5-22.8 s).
 are large allocations too: mapped afresh on every layer they cost page faults, 34.7 s against 30.0 s, for 14 MB;
 so the predictor fixes the threshold with OpenVINO only (whose buffers are allocated once). What is allocated and
 freed again and again must stay below the threshold: adding each patch to the fp16 accumulators one class at a time,
-torch's fp32 cast temporaries (7 MB each) cost 80 ms of page faults per patch (17 ms without), until the sliding
-window added patches in steps of at most 512 KB (``predictor.ADD_STEP_BYTES``).
+torch's fp32 cast temporaries (7 MB each) cost 68 ms per patch in page faults (13 ms without;
+benchmarks/bench_case_overheads.py), until the sliding window added patches in steps of at most 512 KB
+(``predictor.ADD_STEP_BYTES``).
 """
 
 from __future__ import annotations

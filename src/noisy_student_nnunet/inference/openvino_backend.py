@@ -214,7 +214,6 @@ class OpenVinoRunner:
         self.threads = threads
         self.max_compiled = max(1, int(max_compiled))
         self.progress = progress
-        self.ran_precision: Optional[str] = None  #: what the last compiled model runs in (see compiled_precision)
         self._compiled: "OrderedDict[str, tuple]" = OrderedDict()  # digest -> (compiled model, infer request)
         self._version: Optional[tuple] = None
         self._digest: Optional[str] = None
@@ -275,12 +274,12 @@ class OpenVinoRunner:
         except Exception as error:  # noqa: BLE001  e.g. bf16 asked for where OpenVINO cannot run it
             raise NsnError(f"OpenVINO cannot compile the network (precision {self.precision}): "
                            f"{error_message(error)}") from None
-        self.ran_precision = compiled_precision(compiled)
-        if self.ran_precision != self.precision:
-            _say(f"runs {self.ran_precision}, not {self.precision}: this CPU has no native {self.precision}, which "
+        runs_in = compiled_precision(compiled)
+        if runs_in != self.precision:
+            _say(f"runs {runs_in}, not {self.precision}: this CPU has no native {self.precision}, which "
                  f"OpenVINO does not emulate (--backend torch emulates it, slowly)")
         if self.progress:
-            _say(f"compiled in {time.perf_counter() - start:.2f} s ({self.ran_precision}, "
+            _say(f"compiled in {time.perf_counter() - start:.2f} s ({runs_in}, "
                  f"{compiled.get_property('INFERENCE_NUM_THREADS')} threads)")
         request = compiled.create_infer_request()
         self._compiled[digest] = (compiled, request)

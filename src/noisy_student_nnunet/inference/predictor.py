@@ -372,20 +372,20 @@ class LowFootprintPredictor(nnUNetPredictor):
         at a time. Adding fp32 to the fp16 accumulators, torch casts through an fp32 temporary the size of the
         operands: for the whole patch that is C x patch (96 MB for 14 classes and a 40x224x192 patch) at the moment
         memory peaks; per class it is 7 MB, which the OpenVINO predictor maps afresh from the kernel every time
-        (inference/heap.py), with page faults (80 ms per patch, measured, against 17 ms in steps of at most
-        ADD_STEP_BYTES, whose temporaries the heap reuses). Same numbers: each element is cast alike."""
+        (inference/heap.py), with page faults (68 ms per patch against 13 ms in steps of at most ADD_STEP_BYTES, whose
+        temporaries the heap reuses: benchmarks/bench_case_overheads.py). Same numbers: each element is cast alike."""
         first = sl[1]
-        if not isinstance(first, slice):  # a 2D configuration: sl[1] indexes one plane, patches are small
+        if isinstance(first, slice):  # steps of a few planes: (where in the accumulators, which planes of the patch)
+            planes = max(1, ADD_STEP_BYTES // (4 * prediction[0, 0].numel()))
+            depth = prediction.shape[1]
+            steps = [((slice(first.start + z, first.start + min(z + planes, depth)), *sl[2:]), slice(z, z + planes))
+                     for z in range(0, depth, planes)]
+        else:  # a 2D configuration: sl[1] indexes one plane, and the patch is small: one step
+            steps = [(sl[1:], slice(None))]
+        for here, part in steps:
             for c in range(prediction.shape[0]):
-                predicted_logits[(c, *sl[1:])] += prediction[c]
-            n_predictions[sl[1:]] += weights
-            return
-        planes = max(1, ADD_STEP_BYTES // (4 * prediction[0, 0].numel()))
-        for z in range(0, prediction.shape[1], planes):
-            here = (slice(first.start + z, first.start + min(z + planes, prediction.shape[1])), *sl[2:])
-            for c in range(prediction.shape[0]):
-                predicted_logits[(c, *here)] += prediction[c, z:z + planes]
-            n_predictions[here] += weights[z:z + planes] if isinstance(weights, torch.Tensor) else weights
+                predicted_logits[(c, *here)] += prediction[c][part]
+            n_predictions[here] += weights[part] if isinstance(weights, torch.Tensor) else weights
 
     @staticmethod
     def _accumulate(total: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
