@@ -32,6 +32,19 @@ def seconds(function, *args, **kwargs):
     return result, time.perf_counter() - started
 
 
+def _keeping_denormals(run):
+    """``run()`` with the resampling's worker threads left in the default float mode (no flush to zero), as
+    before the flush; for comparison in the same process."""
+    from noisy_student_nnunet.inference import preprocessing
+
+    flush = preprocessing._flush_denormals_in_this_thread
+    preprocessing._flush_denormals_in_this_thread = lambda: False
+    try:
+        return run()
+    finally:
+        preprocessing._flush_denormals_in_this_thread = flush
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nsn_bench_preprocessing"))
@@ -56,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                 files, None, plans, configuration, dataset_json)[0],
             "ours, 1 thread": lambda: preprocess_case(files, None, plans, configuration, dataset_json, threads=1)[0],
             f"ours, {threads} threads": lambda: preprocess_case(files, None, plans, configuration, dataset_json,
-                                                                 threads=threads)[0]}
+                                                                 threads=threads)[0],
+            f"ours, {threads} threads, denormals kept (before 2026-12-06)": lambda: _keeping_denormals(
+                lambda: preprocess_case(files, None, plans, configuration, dataset_json, threads=threads)[0])}
     times: dict[str, list[float]] = {name: [] for name in runs}
     reference = None
     for _ in range(args.repeats):

@@ -220,6 +220,27 @@ def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape, threads):
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_3d_resampling_of_rows_past_the_denormal_horizon_equals_stock(threads):
+    """Rows of more than 538 samples (with scipy's 12-voxel pad: an image 527 or more voxels wide) drive the spline
+    prefilter's start-up sum into float64 denormals; ours flushes them to zero in its worker threads. The result
+    must still equal stock's bit for bit (CT-like values, zero slabs, a flat air region), and the caller's thread
+    must keep denormals."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    from noisy_student_nnunet.inference.preprocessing import resample_3d_lean
+
+    rng = np.random.default_rng(11)
+    data = (rng.normal(40, 300, size=(1, 5, 9, 560)) / 300).astype(np.float32)
+    data[..., :80] = -1000 / 300  # air
+    data[:, 2, :, 300:] = 0
+    new_shape = (3, 5, 245)
+    ref = resample_data_or_seg(data, new_shape, is_seg=False, order=3, do_separate_z=False)
+    ours = resample_3d_lean(data, new_shape, 3, threads)
+    np.testing.assert_array_equal(ours, ref)
+    assert np.float64(5e-324) * np.float64(1.0) != 0, "the caller's thread now flushes denormals"
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_crop_to_nonzero_without_filling_holes_equals_stock(seed):
     """Stock fills the nonzero mask's holes before taking its box; the lean crop does not, and must crop alike:
