@@ -181,6 +181,15 @@ def test_nearest_resampling_rule_is_pixel_centred():
 
 
 # ----------------------------------------------------------------------------- preprocessing
+def assert_equal_up_to_float64_rounding(ours: np.ndarray, ref: np.ndarray) -> None:
+    """Stock's preprocessed array, up to the order of float64 additions: the axis-by-axis cubic spline
+    (``spline_resize``) sums the same terms in another order, so values that are zero up to rounding (around 1e-16)
+    may differ, and a float32 value may move by one unit in its last place; nothing larger."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    scale = max(1.0, float(np.nanmax(np.abs(ref)))) if ref.size else 1.0
+    np.testing.assert_allclose(ours, ref, rtol=2.0 ** -23, atol=1e-13 * scale)
+
+
 def stock_and_our_preprocessing(image, plans: dict, threads: int = 2) -> tuple[tuple, tuple]:
     """``(data, properties)`` of one image from stock ``DefaultPreprocessor.run_case`` and from ours."""
     pm = PlansManager(plans)
@@ -196,7 +205,7 @@ def test_preprocessing_equals_stock(tmp_path, plans_spacing, transpose):
     image = mf.write_ct_image(tmp_path / "c_0000.nii.gz", (30, 70, 64), (0.8, 0.8, 1.5), seed=4)
     plans = mf.make_plans(plans_spacing, [32, 64, 64], transpose_forward=transpose)
     (ref, ref_props), (ours, props) = stock_and_our_preprocessing(image, plans)
-    np.testing.assert_array_equal(ours, ref)
+    assert_equal_up_to_float64_rounding(ours, ref)
     for key in ("spacing", "shape_before_cropping", "bbox_used_for_cropping",
                 "shape_after_cropping_and_before_resampling", "sitk_stuff"):
         assert props[key] == ref_props[key], key
@@ -205,9 +214,10 @@ def test_preprocessing_equals_stock(tmp_path, plans_spacing, transpose):
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("order", [0, 1, 3])
 @pytest.mark.parametrize("new_shape", [(13, 29, 31), (41, 90, 70), (2, 61, 58)])
-def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape, threads):
+def test_3d_resampling_equals_stock(order, new_shape, threads):
     """The lean 3D path (no separate z) against stock ``resample_data_or_seg``, down- and upsampling, in one
-    thread and in several (each filters its own lines and interpolates its own output rows)."""
+    thread and in several (each filters its own lines and interpolates its own output rows or planes): orders 0
+    and 1 through scipy's kernel, bit for bit; order 3 axis by axis, up to float64 rounding."""
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
 
     from noisy_student_nnunet.inference.preprocessing import resample_3d_lean
@@ -217,7 +227,10 @@ def test_3d_resampling_equals_stock_bit_for_bit(order, new_shape, threads):
     ref = resample_data_or_seg(data, new_shape, is_seg=False, order=order, do_separate_z=False)
     ours = resample_3d_lean(data, new_shape, order, threads)
     assert ours.dtype == ref.dtype == np.float32
-    np.testing.assert_array_equal(ours, ref)
+    if order == 3:  # axis by axis (spline_resize)
+        assert_equal_up_to_float64_rounding(ours, ref)
+    else:
+        np.testing.assert_array_equal(ours, ref)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -237,7 +250,7 @@ def test_3d_resampling_of_rows_past_the_denormal_horizon_equals_stock(threads):
     new_shape = (3, 5, 245)
     ref = resample_data_or_seg(data, new_shape, is_seg=False, order=3, do_separate_z=False)
     ours = resample_3d_lean(data, new_shape, 3, threads)
-    np.testing.assert_array_equal(ours, ref)
+    assert_equal_up_to_float64_rounding(ours, ref)
     assert np.float64(5e-324) * np.float64(1.0) != 0, "the caller's thread now flushes denormals"
 
 
@@ -283,7 +296,7 @@ def test_preprocessing_of_a_zero_bordered_image_equals_stock(tmp_path, use_mask)
     configuration["normalization_schemes"] = ["ZScoreNormalization"]
     configuration["use_mask_for_norm"] = [use_mask]
     (ref, ref_props), (ours, props) = stock_and_our_preprocessing(path, plans)
-    np.testing.assert_array_equal(ours, ref)
+    assert_equal_up_to_float64_rounding(ours, ref)
     assert props["bbox_used_for_cropping"] == ref_props["bbox_used_for_cropping"]
 
 
