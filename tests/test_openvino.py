@@ -223,3 +223,23 @@ def test_each_fold_is_hashed_once_however_many_cases(tmp_path, monkeypatch):
         data = torch.randn(1, 10, 20, 18)
     expected = reference.predict_logits_from_preprocessed_data(data).float()
     assert (outputs[-1].float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("asked", ["fp32", "bf16"])
+def test_compiled_precision_names_what_openvino_runs(asked, monkeypatch):
+    """The compiled model's INFERENCE_PRECISION_HINT is an ``ov.Type`` (its str is "<Type: 'bfloat16'>"): read back
+    as our names, fp32 runs fp32 on every CPU, and bf16 runs bf16 exactly where the CPU has it natively (OpenVINO
+    drops the hint elsewhere), so the runner warns only where the precision really changed."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from noisy_student_nnunet.inference.openvino_backend import compile_config, compiled_precision
+    from noisy_student_nnunet.inference.precision import ENV_CPU_BF16, cpu_native_bf16
+
+    monkeypatch.delenv(ENV_CPU_BF16, raising=False)  # the CPU itself, not the NSN_CPU_BF16 imitation
+    x = ops.parameter([1, 4, 8, 8], ov.Type.f32)
+    weights = ops.constant(np.ones((4, 4, 3, 3), np.float32))
+    model = ov.Model([ops.relu(ops.convolution(x, weights, [1, 1], [1, 1], [1, 1], [1, 1]))], [x])
+    compiled = ov.Core().compile_model(model, "CPU", compile_config(asked, 1))
+    expected = asked if asked == "fp32" or cpu_native_bf16()[0] else "fp32"
+    assert compiled_precision(compiled) == expected

@@ -45,7 +45,8 @@ _NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  #: OpenVINO's element t
 def compiled_precision(compiled) -> str:
     """The precision a compiled model runs in. OpenVINO's CPU plugin drops a bf16 hint on a CPU without native bf16
     (AVX2 only: no emulation) and runs f32 instead, without a word; the compiled model's property says which."""
-    element = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    element = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # an ov.Type: "bf16", "f32"
     return _NAMES.get(element, element)
 
 
