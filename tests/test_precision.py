@@ -89,7 +89,7 @@ def test_auto_chooses_fp32_on_a_cpu_without_bf16(random_model, tmp_path, monkeyp
     assert "precision bf16 on cpu: asked for, although NSN_CPU_BF16=0 set" in log  # explicit wins, with a warning
     np.testing.assert_array_equal(auto_on, bf16)
     if native:
-        assert "runs fp32, not bf16" not in log
+        assert "OpenVINO: runs" not in log  # no claim that it ran another precision
         assert (bf16 != fp32).any()  # random weights: near-ties everywhere, so bf16 did run
     else:  # a real CPU without bf16: OpenVINO ran f32 and said so
         assert "OpenVINO: runs fp32, not bf16: this CPU has no native bf16" in log
@@ -111,6 +111,18 @@ def test_pseudolabel_ensemble_takes_the_precision(random_model, monkeypatch):
     monkeypatch.setenv(ENV_CPU_BF16, "0")
     assert TeacherEnsemble(model, (0,), precision="auto").predictor.precision.name == "fp32"
     assert TeacherEnsemble(model, (0,), precision="bf16").predictor.precision.name == "bf16"
+
+
+def _near_a_boundary(labels: np.ndarray, voxels: int) -> np.ndarray:
+    """Voxels within ``voxels`` voxels (along the axes, 1 = next to) of a place where ``labels`` changes."""
+    from scipy import ndimage
+
+    edge = np.zeros(labels.shape, bool)
+    for axis in range(labels.ndim):
+        changes = np.diff(labels, axis=axis) != 0
+        edge[(slice(None),) * axis + (slice(1, None),)] |= changes
+        edge[(slice(None),) * axis + (slice(None, -1),)] |= changes
+    return ndimage.binary_dilation(edge, iterations=voxels - 1) if voxels > 1 else edge
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +152,12 @@ TRAIN_ITERATIONS = 400
 
 def test_bf16_labels_match_fp32_on_a_trained_model(trained_model, tmp_path):
     """Reference: torch fp32. OpenVINO fp32 (the default backend's exact path) holds Dice >= 0.997 per learned organ
-    (issue 20's guard); bf16 (OpenVINO, the default backend, as ``auto`` runs it on a bf16 CPU) >= 0.99: on the demo
-    model bf16 misses 0.997 on the smallest organs by a voxel or two, in torch as in OpenVINO (benchmarks/
-    bench_backends.py --trained)."""
+    (issue 20's guard). bf16 (OpenVINO, the default backend, as ``auto`` runs it on a bf16 CPU) only moves
+    boundaries: every voxel it labels otherwise lies within one network voxel (2 image voxels here) of a boundary of
+    the fp32 map, and each learned organ keeps Dice >= 0.98. On the demo model bf16 misses 0.997 on the smallest
+    organs by a voxel or two, in torch as in OpenVINO (benchmarks/bench_backends.py --trained); here, on this briefly
+    trained model, it measured >= 0.99 on an EPYC with AVX512-BF16 and 0.9897 on a Xeon with AMX (20 of 1944 voxels
+    of an organ learned to Dice 0.73, all at its boundary)."""
     results, inputs, truth = trained_model
     _, fp32 = _predict(_env(results), inputs, tmp_path / "fp32", TRAINED_DATASET, "--precision", "fp32", "--backend",
                        "torch")
@@ -155,7 +170,9 @@ def test_bf16_labels_match_fp32_on_a_trained_model(trained_model, tmp_path):
     learned = [c for c in organs if 2 * ((fp32 == c) & (truth == c)).sum() / ((fp32 == c).sum() + (truth == c).sum())
                >= 0.5]
     assert len(learned) >= 3, f"the model learned too little to test precision: organs {organs}"
-    for labels, threshold in ((ov_fp32, 0.997), (bf16, 0.99)):
+    moved = bf16 != fp32
+    assert not (moved & ~_near_a_boundary(fp32, 2)).any(), "bf16 changed labels away from any fp32 boundary"
+    for labels, threshold in ((ov_fp32, 0.997), (bf16, 0.98)):
         for c in learned:
             p, q = fp32 == c, labels == c
             dice = 2 * (p & q).sum() / (p.sum() + q.sum())
