@@ -106,8 +106,11 @@ def run_set(keys: list[str], inputs: Path, out_root: Path, env: dict, cache: Pat
 # --- where the time goes: a worker process -----------------------------------------------------------------
 
 
-def stages_worker(model: str, inputs: str, out: str, backend: str) -> dict:
-    """Predict every case of ``inputs`` sequentially, timing each stage (timers around the real functions)."""
+def stages_worker(model: str, inputs: str, out: str, backend: str, pipelined: str = "0") -> dict:
+    """Predict every case of ``inputs`` sequentially, timing each stage (timers around the real functions).
+
+    ``pipelined`` "1": with the command's default workers (preprocessing ahead, export in the background), whose
+    stage timers overlap; only the totals of such a run mean something."""
     start = time.perf_counter()
     raw = {k: 0.0 for k in ("load", "prepare", "check", "reading", "preprocess", "network", "window", "export",
                             "writing")}
@@ -145,13 +148,20 @@ def stages_worker(model: str, inputs: str, out: str, backend: str) -> dict:
         "window", predictor._internal_predict_sliding_window_return_logits)
     predictor_module.labels_in_original_geometry = timed("export", predictor_module.labels_in_original_geometry)
     predictor_module.write_labels = timed("writing", predictor_module.write_labels)
-    predictor.predict_from_files(inputs, out, num_processes_preprocessing=0, num_processes_segmentation_export=0)
+    if pipelined == "1":
+        from noisy_student_nnunet.predict_cli import default_preprocessing_workers
+
+        workers = {"num_processes_preprocessing": default_preprocessing_workers(),
+                   "num_processes_segmentation_export": 3}
+    else:
+        workers = {"num_processes_preprocessing": 0, "num_processes_segmentation_export": 0}
+    predictor.predict_from_files(inputs, out, **workers)
     total = time.perf_counter() - start
     result = {"backend": backend, "total": total, "imports": imports, "start-up": raw["load"] + raw["prepare"],
               "reading": raw["reading"] + raw["check"] - raw["preprocess"],
               "preprocessing": raw["preprocess"] - raw["reading"],
               "network": raw["network"], "sliding window, other": raw["window"] - raw["network"] - raw["prepare"],
-              "export": raw["export"], "writing": raw["writing"]}
+              "export": raw["export"], "writing": raw["writing"], "workers": workers}
     result["other"] = max(0.0, total - sum(result[s] for s in STAGES if s != "other"))
     return result
 
@@ -175,22 +185,40 @@ def copies_of_the_case(inputs: Path, root: Path, n: int) -> Path:
 
 def stages(model: Path, inputs: Path, out_root: Path, env: dict, cases: int = 1) -> list[dict]:
     """Each backend in a fresh process over ``cases`` copies of the case; besides the totals, what one case costs
-    once imports and start-up are paid (a folder's steady state): ``per case`` and ``per case / network``."""
+    once imports and start-up are paid (a folder's steady state): ``per case`` and ``per case / network``.
+
+    With several cases, each backend runs a second time with the command's default workers (the next case
+    preprocessed ahead, the last one exported in the background): its ``per case`` against the network time of
+    the serial run (that run's stage timers overlap, so only its totals are shown)."""
     rows = []
     folder = copies_of_the_case(inputs, out_root, cases)
     for backend in ("torch", "openvino"):
-        out = out_root / f"stages_{backend}"
-        shutil.rmtree(out, ignore_errors=True)
-        result = run_worker(__file__, ["--stages_worker", str(model), str(folder), str(out), backend], env=env)
-        result["cases"] = cases
-        result["per_case"] = (result["total"] - result["imports"] - result["start-up"]) / cases
-        result["per_case_ratio"] = result["per_case"] / max(1e-9, result["network"] / cases)
-        rows.append(result)
+        serial_network = None
+        for pipelined in (["0", "1"] if cases > 1 else ["0"]):
+            out = out_root / f"stages_{backend}_{pipelined}"
+            shutil.rmtree(out, ignore_errors=True)
+            result = run_worker(__file__, ["--stages_worker", str(model), str(folder), str(out), backend, pipelined],
+                                env=env)
+            result["cases"] = cases
+            result["per_case"] = (result["total"] - result["imports"] - result["start-up"]) / cases
+            if pipelined == "1":
+                workers = result.pop("workers")
+                result = {k: result[k] for k in ("cases", "total", "imports", "start-up", "per_case")}
+                result["backend"] = (f"{backend}, pipelined (-npp {workers['num_processes_preprocessing']}, -nps "
+                                     f"{workers['num_processes_segmentation_export']})")
+                result["network"] = serial_network
+            else:
+                result.pop("workers")
+                result["backend"] = f"{backend}, serial (-npp 0 -nps 0)" if cases > 1 else backend
+                serial_network = result["network"]
+            result["per_case_ratio"] = result["per_case"] / max(1e-9, result["network"] / cases)
+            rows.append(result)
     return rows
 
 
 def print_stages(rows: list[dict], title: str) -> None:
-    print(f"\nWhere the time goes ({title}; fresh process, no worker threads, warm cache), seconds:")
+    print(f"\nWhere the time goes ({title}; fresh process, warm cache; serial: no worker threads, so the stages add "
+          "up; pipelined: the command's default workers, its network column the serial run's), seconds:")
     columns = [("backend", "backend"), ("cases", "cases")] + [(s, s) for s in STAGES] + [
         ("total", "end to end"), ("ratio", "end to end / network"), ("per_case", "per case, after start-up"),
         ("per_case_ratio", "per case / network")]
@@ -276,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--stages_worker"]:
-        print(json.dumps(stages_worker(*argv[1:5])))
+        print(json.dumps(stages_worker(*argv[1:6])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nsn_bench_backends"))
