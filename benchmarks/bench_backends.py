@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BIN, ISA_CAPS, apply_isa_cap, dice_per_class, machine, nnunet_env, read_labels, run_profiled, run_worker, table
+from _common import BIN, ISA_CAPS, apply_isa_cap, dice_per_class, machine, nnunet_env, read_labels, run_profiled, run_worker, table, \
+    warm_guest_memory
 from _inference_case import add_case_arguments, half_width_case
 
 import model_folders as mf  # noqa: E402  (on sys.path through _common)
@@ -325,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trained", nargs=4, metavar=("RESULTS", "DATASET", "MODEL_DIR", "IMAGES"), default=None,
                         help="a trained model (nnUNet_results, dataset name, Trainer__Plans__config, image folder) "
                              "whose labels are compared per organ against torch fp32")
+    parser.add_argument("--warm_memory_gb", type=float, default=0,
+                        help="touch this much memory once before the runs (virtual machines back fresh guest memory "
+                             "slowly the first time; see _common.warm_guest_memory); 0: do not")
     args = parser.parse_args(argv)
     started = time.time()
     if args.isa is None:
         os.environ.pop("NSN_CPU_BF16", None)
     isa_line = apply_isa_cap(args.isa)  # before any child starts: every run inherits the cap
-    print(f"Machine: {machine_line()}\n{isa_line}", flush=True)
+    print(f"Machine: {machine_line()}\n{isa_line}\n{warm_guest_memory(args.warm_memory_gb)}", flush=True)
     case = half_width_case(args, "backends", DATASET)
     cache = case.root / "ov_cache"
     env = {**case.env, "NSN_OPENVINO_CACHE": str(cache)}
