@@ -113,12 +113,15 @@ def warm_guest_memory(gigabytes: float) -> str:
     bare metal does not have, from every run alike."""
     if gigabytes <= 0:
         return "guest memory: not warmed first"
+    import psutil
+
+    gigabytes = min(gigabytes, psutil.virtual_memory().available / 2**30 - 2)  # never the OOM killer
     code = ("import numpy as np, time; t = time.perf_counter(); keep = []\n"
             f"for _ in range({int(gigabytes * 8)}):\n"
-            "    a = np.empty(2**27); a.fill(1.0); keep.append(a)\n"
+            "    a = np.empty(2**24); a.fill(1.0); keep.append(a)\n"  # 128 MB each
             "print(round(time.perf_counter() - t, 1))")
     took = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    return f"guest memory: {gigabytes:g} GB touched first ({took} s), so no run pays for the host backing fresh memory"
+    return f"guest memory: {gigabytes:.3g} GB touched first ({took} s), so no run pays for the host backing fresh memory"
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
