@@ -4,7 +4,8 @@
   ``nnUNetv2_predict_lowfootprint`` (:mod:`noisy_student_nnunet.predict_cli`).
 - :mod:`.export`: logits -> label map in the original geometry, ``nearest`` or stock-equal ``linear``.
 - :mod:`.resize`: the slab-wise and label-map resampling both use (torch, CPU or CUDA).
-- :mod:`.preprocessing`: stock's preprocessing with slice-wise resampling (same array, less memory).
+- :mod:`.preprocessing`: stock's preprocessing with slice-wise resampling (same array, less memory);
+  :mod:`.spline_resize`: its 3D cubic resampling one axis at a time (stock's numbers up to float64 rounding).
 - :mod:`.backend`: what runs the network (``--backend auto|torch|openvino``); :mod:`.openvino_backend`: the
   network converted once to OpenVINO, cached, compiled once per process.
 - :mod:`.lazy_dynamo`: keeps ``torch._dynamo`` (158 MB, 2.7 s) unimported until something compiles.
