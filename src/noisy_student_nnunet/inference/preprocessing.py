@@ -19,7 +19,7 @@ network's time, issue 20):
 
 - the 3D path's cubic spline is evaluated axis by axis: 3 x 4 coefficients per output voxel, each axis on an
   array already shrunk along the ones before, instead of 4 x 4 x 4 from the whole padded volume (on the clinical
-  CT, 2 cores of a Xeon with AMX: 0.68 s against 1.33 s for the resampling);
+  CT's preprocessing, 2 cores of a Xeon with AMX: 1.25 s against 2.01 s, ``benchmarks/bench_preprocessing.py``);
 - the 3D path's spline prefilter and interpolation run in ``threads`` threads (scipy releases the GIL): each
   thread filters its own block of lines, or interpolates its own block of output rows, with the same arithmetic;
   on the separate-z path (thick slices) each thread resizes its own slices;
@@ -30,9 +30,9 @@ network's time, issue 20):
   reads the filled mask (:func:`crop_to_nonzero_lean`).
 
 :func:`preprocess_case` runs the same steps (transpose, crop to nonzero, normalise, resample) with the same
-functions. The output is equal to stock's bit for bit (tested; the axis-by-axis cubic spline adds its float64
-values in another order, which could move a float32 value by one unit in its last place, and in the tests and on
-the clinical CT never has). Anything else (custom preprocessors, other
+functions. The output is equal to stock's bit for bit (tested), except that the axis-by-axis cubic spline adds its
+float64 values in another order: values that are zero up to rounding may differ by about 1e-16 (on the clinical CT
+no voxel differs). Anything else (custom preprocessors, other
 resampling functions, order_z != 0, cascades) runs stock's code.
 """
 
@@ -185,8 +185,8 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
 
     Order 3 (the plans' default for image data) runs one axis at a time
     (:func:`~noisy_student_nnunet.inference.spline_resize.resize_cubic_separable`: 3 x 4 taps per voxel instead of
-    64; equal to stock's output in every test and on the clinical CT, within one float32 unit in the last place by
-    construction). Other orders run scipy's own kernel, bit for bit, as follows.
+    64; stock's numbers up to float64 rounding, none different on the clinical CT). Other orders run scipy's own
+    kernel, bit for bit, as follows.
 
     skimage calls ``scipy.ndimage.zoom(order, mode='nearest', grid_mode=True)``, which pads by 12 voxels, runs the
     separable spline prefilter (axis by axis, float64) and interpolates; float32 values are exact in float64, so
