@@ -575,3 +575,18 @@ def test_preprocessing_workers_default_to_the_cores_less_one(monkeypatch):
     assert predict_cli.default_preprocessing_workers() == 3
     npp = next(a for a in predict_cli.build_parser()._actions if a.dest == "npp")
     assert npp.default is None  # decided in main, after the command line
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_argmax_channels_in_threads_equals_torch_argmax(threads):
+    """The CPU argmax over classes, in one thread or in blocks of rows in several, equals ``torch.argmax`` (first
+    maximum wins) on fp16 scores with many exact ties."""
+    from noisy_student_nnunet.inference import resize
+    from noisy_student_nnunet.inference.resize import argmax_channels
+
+    generator = torch.Generator().manual_seed(threads)
+    scores = (torch.randint(0, 4, (6, 40, 120, 170), generator=generator).half() / 2)  # 0, 0.5, 1, 1.5: ties
+    assert 40 * 120 * 170 >= 3 * resize.ARGMAX_THREAD_MIN_VOXELS  # large enough for 3 threads
+    labels = argmax_channels(scores, threads=threads)
+    assert labels.dtype == torch.uint8
+    assert torch.equal(labels.long(), torch.argmax(scores.float(), 0))

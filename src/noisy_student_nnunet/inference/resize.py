@@ -65,12 +65,19 @@ def resize_labels_nearest(labels, new_shape: Sequence[int]):
     return out
 
 
-def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+#: below this many voxels argmax_channels stays in the calling thread (a thread costs more than it saves)
+ARGMAX_THREAD_MIN_VOXELS = 2**18
+
+
+def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None, threads: int | None = None
+                    ) -> torch.Tensor:
     """``argmax`` over dim 0 (first maximum wins, as numpy and torch), as uint8/int32 labels.
 
     CPU: a running maximum over channels with float32 buffers in numpy: one pass per channel, no int64 index
-    array, single-threaded (torch's CPU argmax over the outer dim is several times slower, and its threads
-    stall on a busy machine). CUDA: ``torch.argmax``.
+    array (torch's CPU argmax over the outer dim is several times slower, and its threads stall on a busy
+    machine). ``threads`` (default: torch's thread count, at most the usable cores) take blocks of dim 1 each;
+    numpy releases the GIL, and every voxel gets the same comparisons (14 classes over 134 x 189 x 229 voxels on
+    2 cores of a Xeon: 0.44-0.52 s in one thread, 0.20-0.25 s in two). CUDA: ``torch.argmax``.
     """
     if out is None:
         out = torch.empty(scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32,
@@ -80,16 +87,38 @@ def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None) -> to
         return out
     s = scores.numpy()
     lab = out.numpy()
-    best = np.empty(s.shape[1:], dtype=np.float32)
-    value = np.empty(s.shape[1:], dtype=np.float32)
-    better = np.empty(s.shape[1:], dtype=bool)
-    best[...] = s[0]
-    lab[...] = 0
-    for c in range(1, s.shape[0]):
-        value[...] = s[c]
-        np.greater(value, best, out=better)
-        lab[better] = c
-        np.maximum(best, value, out=best)
+    if threads is None:
+        from noisy_student_nnunet.cpu_threads import available_cores
+
+        threads = min(torch.get_num_threads(), available_cores())
+    rows = s.shape[1] if s.ndim > 1 else 0
+    threads = max(1, min(threads, rows, lab.size // ARGMAX_THREAD_MIN_VOXELS))
+
+    def running_maximum(a: int, b: int) -> None:
+        block, labels = s[:, a:b], lab[a:b]
+        best = np.empty(block.shape[1:], dtype=np.float32)
+        value = np.empty(block.shape[1:], dtype=np.float32)
+        better = np.empty(block.shape[1:], dtype=bool)
+        best[...] = block[0]
+        labels[...] = 0
+        for c in range(1, block.shape[0]):
+            value[...] = block[c]
+            np.greater(value, best, out=better)
+            np.copyto(labels, c, where=better)
+            np.maximum(best, value, out=best)
+
+    if threads == 1 or s.ndim == 1:
+        if s.ndim == 1:
+            lab[...] = int(np.argmax(s))
+        else:
+            running_maximum(0, rows)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    edges = np.linspace(0, rows, threads + 1).round().astype(int)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nsn-argmax") as pool:
+        for future in [pool.submit(running_maximum, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]:
+            future.result()
     return out
 
 
