@@ -116,6 +116,8 @@ def warm_guest_memory(gigabytes: float) -> str:
     import psutil
 
     gigabytes = min(gigabytes, psutil.virtual_memory().available / 2**30 - 2)  # never the OOM killer
+    if gigabytes <= 0:
+        return "guest memory: not warmed first (less than 2 GB available)"
     code = ("import numpy as np, time; t = time.perf_counter(); keep = []\n"
             f"for _ in range({int(gigabytes * 8)}):\n"
             "    a = np.empty(2**24); a.fill(1.0); keep.append(a)\n"  # 128 MB each

@@ -90,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if data.shape != reference.shape or data.dtype != reference.dtype:
                 sys.exit(f"{name}: output {data.shape} {data.dtype} differs from stock's")
-            differing = data != reference
-            differences[name] = (int(differing.sum()), float(np.abs(data - reference).max()))
-            if differences[name][1] > 1e-13 * max(1.0, float(np.abs(reference).max())):
+            if not np.array_equal(np.isnan(data), np.isnan(reference)):
+                sys.exit(f"{name}: NaN where stock's output has none, or the other way round")
+            differing = (data != reference) & ~np.isnan(reference)
+            differences[name] = (int(differing.sum()), float(np.nanmax(np.abs(data - reference))))
+            if differences[name][1] > 1e-13 * max(1.0, float(np.nanmax(np.abs(reference)))):
                 sys.exit(f"{name}: output differs from stock's by {differences[name][1]:.3g}, more than float64 "
                          "rounding")
     image, _ = plans.image_reader_writer_class().read_images(files)

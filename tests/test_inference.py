@@ -234,20 +234,51 @@ def test_3d_resampling_equals_stock(order, new_shape, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+def test_separate_z_resampling_equals_stock_bit_for_bit(threads):
+    """Thick slices (stock's separate-z path, order 3 in-plane and 0 across): slice by slice, in one thread or in
+    several, bit for bit stock's (no denormals are flushed on this path), with 512-voxel rows as in a clinical CT."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    from noisy_student_nnunet.inference.preprocessing import resample_separate_z_lean
+
+    rng = np.random.default_rng(5)
+    data = (rng.normal(40, 300, size=(1, 7, 40, 512)) / 300).astype(np.float32)
+    data[..., :60] = 0
+    new_shape = (4, 19, 230)
+    ref = resample_data_or_seg(data, new_shape, is_seg=False, axis=0, order=3, do_separate_z=True, order_z=0)
+    ours = resample_separate_z_lean(data, new_shape, 0, 3, threads)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_3d_resampling_with_a_nan_spreads_it_as_stock_does():
+    """A NaN reaches every output voxel in stock's cubic resampling (its prefilter spreads it along every axis);
+    ours falls back to scipy's kernel for such an image."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
+
+    from noisy_student_nnunet.inference.preprocessing import resample_3d_lean
+
+    data = np.random.default_rng(2).normal(size=(1, 6, 9, 10)).astype(np.float32)
+    data[0, 3, 4, 5] = np.nan
+    ref = resample_data_or_seg(data, (12, 9, 7), is_seg=False, order=3, do_separate_z=False)
+    ours = resample_3d_lean(data, (12, 9, 7), 3, 2)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 def test_3d_resampling_of_rows_past_the_denormal_horizon_equals_stock(threads):
-    """Rows of more than 538 samples (with scipy's 12-voxel pad: an image 527 or more voxels wide) drive the spline
-    prefilter's start-up sum into float64 denormals; ours flushes them to zero in its worker threads. The result
-    must still equal stock's bit for bit (CT-like values, zero slabs, a flat air region), and the caller's thread
-    must keep denormals."""
+    """Rows of 538 to 565 samples (with scipy's 12-voxel pad: an image 514 to 541 voxels wide; here 525) drive every
+    term of the spline prefilter's start-up sum into float64 denormals; ours flushes them to zero in its worker
+    threads. The result must still equal stock's up to float64 rounding (CT-like values, zero slabs, a flat air
+    region), and the caller's thread must keep denormals."""
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg
 
     from noisy_student_nnunet.inference.preprocessing import resample_3d_lean
 
     rng = np.random.default_rng(11)
-    data = (rng.normal(40, 300, size=(1, 5, 9, 560)) / 300).astype(np.float32)
+    data = (rng.normal(40, 300, size=(1, 5, 9, 525)) / 300).astype(np.float32)
     data[..., :80] = -1000 / 300  # air
     data[:, 2, :, 300:] = 0
-    new_shape = (3, 5, 245)
+    new_shape = (3, 5, 230)
     ref = resample_data_or_seg(data, new_shape, is_seg=False, order=3, do_separate_z=False)
     ours = resample_3d_lean(data, new_shape, 3, threads)
     assert_equal_up_to_float64_rounding(ours, ref)

@@ -23,9 +23,9 @@ network's time, issue 20):
 - the 3D path's spline prefilter and interpolation run in ``threads`` threads (scipy releases the GIL): each
   thread filters its own block of lines, or interpolates its own block of output rows, with the same arithmetic;
   on the separate-z path (thick slices) each thread resizes its own slices;
-- the spline prefilter's worker threads flush float denormals to zero: along rows of more than 538 samples
-  (an image 527 or more voxels wide, padded by 12 each side) scipy's start-up sum runs into denormals, which x86
-  computes in microcode; same output (:func:`_flush_denormals_in_this_thread`);
+- the 3D cubic path's worker threads flush float denormals to zero: on rows of 538 to 565 samples (an image 514
+  to 541 voxels wide, padded by 12 on each side) scipy's prefilter start-up multiplies by a denormal power in every
+  term, which x86 computes in microcode (:func:`_flush_denormals_in_this_thread`);
 - cropping to the nonzero region skips stock's ``binary_fill_holes`` of the whole volume (1.5 s) when nothing
   reads the filled mask (:func:`crop_to_nonzero_lean`).
 
@@ -52,11 +52,13 @@ STOCK_RESAMPLING_FN = "resample_data_or_seg_to_shape"
 def _flush_denormals_in_this_thread() -> bool:
     """Treat float denormals as zero in the calling thread (x86 FTZ and DAZ; torch sets the thread's MXCSR).
 
-    scipy's cubic spline prefilter starts each line with a sum of ``z**i * c[i]`` (``z = -0.268``), whose powers
-    fall below float64's smallest normal number (2.2e-308) after 538 samples. Denormal arithmetic is microcoded on
-    x86: filtering the 547-sample rows of a 523-voxel-wide CT (padded by 12 each side) took 3.1 s against 0.5 s
-    along its shorter axes. Flushed, those terms become zero instead of about 1e-310, far below the last bit of any
-    coefficient of normal size: the output is the same (tested against stock's resampling)."""
+    scipy's cubic spline prefilter starts each line (mode 'nearest') with a sum over the line that multiplies by
+    ``z**n`` (``z = -0.268``, ``n`` the line's length). For lines of 538 to 565 samples that power is a float64
+    denormal, which x86 computes in microcode, in every term; longer lines pay a few such terms. The clinical CT's
+    rows are 547 samples (523 voxels padded by 12 on each side): filtering along them took 3.1 s against 0.5 s
+    along its shorter axes. Flushed, those terms become zero instead of about 1e-310, far below the last bit of
+    any coefficient of normal size. Float32 inputs below 1.2e-38 in magnitude are then read as zero too; both are
+    far below float64 rounding of the values around them (tested against stock's resampling)."""
     try:
         import torch
 
@@ -138,8 +140,7 @@ def resample_separate_z_lean(data: np.ndarray, new_shape: Sequence[int], axis: i
                 out[(c, *index)] = resized
 
     for c in range(data.shape[0]):
-        _in_blocks(lambda first, stop, c=c: resize_slices(c, first, stop), len(used), threads,
-                   flush_denormals=True)
+        _in_blocks(lambda first, stop, c=c: resize_slices(c, first, stop), len(used), threads)
     return out
 
 
@@ -200,7 +201,8 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
     from scipy.ndimage._ni_support import _extend_mode_to_code
 
     new_shape = tuple(int(s) for s in new_shape)
-    if order == 3 and channel.ndim == 3 and CUBIC_AXIS_BY_AXIS:
+    if order == 3 and channel.ndim == 3 and CUBIC_AXIS_BY_AXIS and not np.isnan(np.min(channel)):
+        # (a NaN spreads along every axis in stock's prefilter, also along axes the axis-by-axis path leaves alone)
         return resize_cubic_separable(
             channel, new_shape, lambda work, n: _in_blocks(work, n, threads, flush_denormals=True))
     zoom_shift = _zoom_shift()

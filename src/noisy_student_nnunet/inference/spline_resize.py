@@ -54,7 +54,7 @@ def edge_pad(array: np.ndarray, axis: int, pad: int = SPLINE_PAD, out: np.ndarra
 
 def prefilter(padded: np.ndarray, axis: int) -> None:
     """scipy's cubic spline prefilter of every line along ``axis``, in place (what ``zoom`` runs on its padded
-    copy). Lines longer than 538 samples are slow where denormals are kept (see ``preprocessing``)."""
+    copy). Lines of 538 to 565 samples are slow where denormals are kept (see ``preprocessing``)."""
     from scipy.ndimage import spline_filter1d
 
     spline_filter1d(padded, 3, axis, output=padded, mode="nearest")
@@ -109,7 +109,9 @@ class _PlaneResizer:
 def resize_cubic_separable(channel: np.ndarray, new_shape: Sequence[int],
                            run_blocks: Callable[[Callable[[int, int], None], int], None]) -> np.ndarray:
     """float32 ``skimage.transform.resize(channel.astype(float), new_shape, 3, mode='edge', anti_aliasing=False)``
-    of a 3D ``channel``, one axis at a time (equal up to float64 rounding: see the module's docstring).
+    of a 3D ``channel`` without NaN, one axis at a time (equal up to float64 rounding: see the module's docstring;
+    an axis whose length does not change is left alone, where stock filters and samples it at its own points,
+    which gives the same values up to rounding, except that stock spreads a NaN along it).
 
     ``run_blocks(work, n)`` runs ``work(start, stop)`` over ``range(n)`` in blocks (threads, denormals flushed):
     first the prefilter along axis 0 over blocks of axis 1, then the output planes along axis 0, each resized in
