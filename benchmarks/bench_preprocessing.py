@@ -36,16 +36,16 @@ def _as_before(run, flush_denormals: bool = False, axis_by_axis: bool = False):
     """``run()`` with the resampling as it was before 2026-12-06: without flushing denormals in its worker
     threads and/or with scipy's 64-tap cubic kernel instead of the axis-by-axis spline; for comparison in the same
     process."""
-    from noisy_student_nnunet.inference import preprocessing
+    from noisy_student_nnunet.inference import blocks, preprocessing
 
-    flush, cubic = preprocessing._flush_denormals_in_this_thread, preprocessing.CUBIC_AXIS_BY_AXIS
+    flush, cubic = blocks.flush_denormals_in_this_thread, preprocessing.CUBIC_AXIS_BY_AXIS
     if not flush_denormals:
-        preprocessing._flush_denormals_in_this_thread = lambda: False
+        blocks.flush_denormals_in_this_thread = lambda: False
     preprocessing.CUBIC_AXIS_BY_AXIS = axis_by_axis
     try:
         return run()
     finally:
-        preprocessing._flush_denormals_in_this_thread, preprocessing.CUBIC_AXIS_BY_AXIS = flush, cubic
+        blocks.flush_denormals_in_this_thread, preprocessing.CUBIC_AXIS_BY_AXIS = flush, cubic
 
 
 def main(argv: list[str] | None = None) -> int:

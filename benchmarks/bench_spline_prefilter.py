@@ -5,7 +5,7 @@
 Stock's 3D resampling (skimage ``resize``, order 3) runs ``scipy.ndimage.spline_filter1d(mode='nearest')`` along each
 axis of the image padded by 12 voxels on each side. Its start-up sum multiplies by ``z**n`` (``z = -0.268``, ``n``
 the line's length), a float64 denormal for lines of 538 to 565 samples; x86 computes denormals in microcode. The
-predictor's resampling threads flush denormals to zero (``preprocessing._flush_denormals_in_this_thread``); this
+predictor's resampling threads flush denormals to zero (``blocks.flush_denormals_in_this_thread``); this
 prints what that is worth per line length, and checks that both give the same coefficients.
 """
 
@@ -25,13 +25,13 @@ def ns_per_sample(lines: np.ndarray, flush: bool) -> tuple[float, np.ndarray]:
     """Filter a copy of ``lines`` along their last axis in a fresh thread; nanoseconds per sample and the result."""
     from scipy.ndimage import spline_filter1d
 
-    from noisy_student_nnunet.inference.preprocessing import _flush_denormals_in_this_thread
+    from noisy_student_nnunet.inference.blocks import flush_denormals_in_this_thread
 
     work = lines.copy()
 
     def run() -> float:
         if flush:
-            _flush_denormals_in_this_thread()
+            flush_denormals_in_this_thread()
         started = time.perf_counter()
         spline_filter1d(work, 3, -1, output=work, mode="nearest")
         return time.perf_counter() - started

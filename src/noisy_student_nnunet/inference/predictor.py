@@ -57,6 +57,7 @@ from noisy_student_nnunet.inference.export import (
 )
 from noisy_student_nnunet.cpu_threads import available_cores
 from noisy_student_nnunet.inference.backend import Backend, choose_backend
+from noisy_student_nnunet.inference.blocks import cpu_work_threads
 from noisy_student_nnunet.inference.precision import Precision, choose_precision
 from noisy_student_nnunet.inference.preprocessing import preprocess_case
 from noisy_student_nnunet.io_checks import check_channels_read, group_case_files, name_unreadable_file, \
@@ -254,7 +255,7 @@ class LowFootprintPredictor(nnUNetPredictor):
     def _cpu_threads() -> int:
         """Threads for this process's CPU work outside torch (OpenVINO, resampling): torch's count, at most the
         cores this process may run on."""
-        return min(torch.get_num_threads(), available_cores())
+        return cpu_work_threads()
 
     def _openvino_runner(self, input_shape: Sequence[int]):
         """The OpenVINO runner for full patches of ``input_shape`` (made once; conversion and compilation happen

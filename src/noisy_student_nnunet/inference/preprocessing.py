@@ -25,7 +25,7 @@ network's time, issue 20):
   on the separate-z path (thick slices) each thread resizes its own slices;
 - the 3D cubic path's worker threads flush float denormals to zero: on rows of 538 to 565 samples (an image 514
   to 541 voxels wide, padded by 12 on each side) scipy's prefilter start-up multiplies by a denormal power in every
-  term, which x86 computes in microcode (:func:`_flush_denormals_in_this_thread`);
+  term, which x86 computes in microcode (:func:`.blocks.flush_denormals_in_this_thread`);
 - cropping to the nonzero region skips stock's ``binary_fill_holes`` of the whole volume (1.5 s) when nothing
   reads the filled mask (:func:`crop_to_nonzero_lean`).
 
@@ -38,56 +38,15 @@ resampling functions, order_z != 0, cascades) runs stock's code.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from noisy_student_nnunet.inference.resize import nearest_source_indices
-from noisy_student_nnunet.inference.spline_resize import resize_cubic_separable
+from noisy_student_nnunet.inference.blocks import in_blocks
+from noisy_student_nnunet.inference.spline_resize import SPLINE_PAD, resize_cubic_separable
 
 STOCK_RESAMPLING_FN = "resample_data_or_seg_to_shape"
-
-
-def _flush_denormals_in_this_thread() -> bool:
-    """Treat float denormals as zero in the calling thread (x86 FTZ and DAZ; torch sets the thread's MXCSR).
-
-    scipy's cubic spline prefilter starts each line (mode 'nearest') with a sum over the line that multiplies by
-    ``z**n`` (``z = -0.268``, ``n`` the line's length). For lines of 538 to 565 samples that power is a float64
-    denormal, which x86 computes in microcode, in every term; longer lines pay a few such terms. The clinical CT's
-    rows are 547 samples (523 voxels padded by 12 on each side): filtering along them took 3.1 s against 0.5 s
-    along its shorter axes. Flushed, those terms become zero instead of about 1e-310, far below the last bit of
-    any coefficient of normal size. Float32 inputs below 1.2e-38 in magnitude are then read as zero too; both are
-    far below float64 rounding of the values around them (tested against stock's resampling)."""
-    try:
-        import torch
-
-        return bool(torch.set_flush_denormal(True))
-    except ImportError:
-        return False
-
-
-def _in_blocks(work: Callable[[int, int], object], n: int, threads: int, flush_denormals: bool = False) -> None:
-    """``work(start, stop)`` over ``range(n)`` cut into at most ``threads`` nearly equal blocks, each in a thread of
-    its own where there are several (the work is numpy/scipy C code that releases the GIL); exceptions propagate.
-
-    ``flush_denormals``: the work runs in pool threads that flush denormals to zero
-    (:func:`_flush_denormals_in_this_thread`), even for one block, so the caller's thread keeps its float mode."""
-    edges = np.linspace(0, n, max(1, min(threads, n)) + 1).round().astype(int)
-    blocks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    if len(blocks) <= 1 and not flush_denormals:
-        for a, b in blocks:
-            work(a, b)
-        return
-
-    def in_thread(a: int, b: int) -> None:
-        if flush_denormals:
-            _flush_denormals_in_this_thread()
-        work(a, b)
-
-    with ThreadPoolExecutor(max_workers=max(1, len(blocks)), thread_name_prefix="nsn-resample") as pool:
-        for future in [pool.submit(in_thread, a, b) for a, b in blocks]:
-            future.result()
 
 
 def _lean_resampling_plan(configuration_manager, current_spacing, new_spacing):
@@ -140,14 +99,12 @@ def resample_separate_z_lean(data: np.ndarray, new_shape: Sequence[int], axis: i
                 out[(c, *index)] = resized
 
     for c in range(data.shape[0]):
-        _in_blocks(lambda first, stop, c=c: resize_slices(c, first, stop), len(used), threads)
+        in_blocks(lambda first, stop, c=c: resize_slices(c, first, stop), len(used), threads)
     return out
 
 
 #: order 3 through :func:`resize_cubic_separable` (False: scipy's 64-tap kernel, as before 2026-12-06; benchmarks)
 CUBIC_AXIS_BY_AXIS = True
-
-_SPLINE_PAD = 12  # scipy.ndimage.zoom pads by this much (mode 'nearest') before its spline prefilter
 
 
 def _zoom_shift():
@@ -168,7 +125,7 @@ def _edge_padded_float64(channel: np.ndarray, pad: int, threads: int = 1) -> np.
     def copy(a: int, b: int) -> None:
         out[(slice(pad + a, pad + b), *inner)] = channel[a:b]
 
-    _in_blocks(copy, channel.shape[0], threads)
+    in_blocks(copy, channel.shape[0], threads)
     for axis, n in enumerate(channel.shape):
         lo, hi, first, last = [slice(None)] * out.ndim, [slice(None)] * out.ndim, [slice(None)] * out.ndim, \
             [slice(None)] * out.ndim
@@ -201,10 +158,15 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
     from scipy.ndimage._ni_support import _extend_mode_to_code
 
     new_shape = tuple(int(s) for s in new_shape)
-    if order == 3 and channel.ndim == 3 and CUBIC_AXIS_BY_AXIS and not np.isnan(np.min(channel)):
+    lo, hi = np.min(channel), np.max(channel)  # skimage clips the result to the input's range
+    has_nan = np.isnan(lo)
+    if has_nan:
+        lo, hi = np.nanmin(channel), np.nanmax(channel)
+    if order == 3 and channel.ndim == 3 and CUBIC_AXIS_BY_AXIS and not has_nan:
         # (a NaN spreads along every axis in stock's prefilter, also along axes the axis-by-axis path leaves alone)
-        return resize_cubic_separable(
-            channel, new_shape, lambda work, n: _in_blocks(work, n, threads, flush_denormals=True))
+        output = resize_cubic_separable(
+            channel, new_shape, lambda work, n: in_blocks(work, n, threads, flush_denormals=True))
+        return _clipped_float32(output, lo, hi)
     zoom_shift = _zoom_shift()
     if zoom_shift is None:  # public route: same numbers, the padded float32 copy and the filtered one
         from skimage.transform import resize
@@ -214,7 +176,7 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
     zoom = np.divide(np.array(channel.shape), np.array(new_shape), out=np.ones(channel.ndim, dtype=np.float64),
                      where=np.array(new_shape) != 0)
     if order > 1:
-        filtered = _edge_padded_float64(channel, _SPLINE_PAD, threads)
+        filtered = _edge_padded_float64(channel, SPLINE_PAD, threads)
         for axis in range(filtered.ndim):  # scipy's spline_filter, in place as it does for axes after the first
             split = 1 if axis == 0 else 0  # lines along `axis` are independent: blocks of another axis
 
@@ -222,8 +184,8 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
                 block = filtered[(slice(None),) * split + (slice(a, b),)]
                 spline_filter1d(block, order, axis, output=block, mode="nearest")
 
-            _in_blocks(prefilter, filtered.shape[split], threads, flush_denormals=True)
-        npad = _SPLINE_PAD
+            in_blocks(prefilter, filtered.shape[split], threads, flush_denormals=True)
+        npad = SPLINE_PAD
     else:
         filtered, npad = channel, 0
     zoom = np.ascontiguousarray(zoom)
@@ -233,11 +195,13 @@ def resize_3d_lean(channel: np.ndarray, new_shape: Sequence[int], order: int, th
         shift = np.array([a] + [0] * (len(new_shape) - 1), dtype=np.float64) if a else None
         zoom_shift(filtered, zoom, shift, output[a:b], order, mode, 0.0, npad, True)
 
-    _in_blocks(interpolate, new_shape[0], threads)
+    in_blocks(interpolate, new_shape[0], threads)
     filtered = None  # frees the padded float64 array (8 bytes per input voxel) before the clip
-    lo, hi = np.min(channel), np.max(channel)
-    if np.isnan(lo):
-        lo, hi = np.nanmin(channel), np.nanmax(channel)
+    return _clipped_float32(output, lo, hi)
+
+
+def _clipped_float32(output: np.ndarray, lo, hi) -> np.ndarray:
+    """skimage's last step: the float64 result clipped to the input's range, then float32 (stock's dtype)."""
     np.clip(output, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64), out=output)
     return output.astype(np.float32)
 

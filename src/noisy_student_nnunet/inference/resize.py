@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from scipy.ndimage import map_coordinates
 
+from noisy_student_nnunet.inference.blocks import cpu_work_threads, in_blocks
+
 NEAREST = "nearest"
 LINEAR = "linear"
 
@@ -76,8 +78,7 @@ def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None, threa
     CPU: a running maximum over channels with float32 buffers in numpy: one pass per channel, no int64 index
     array (torch's CPU argmax over the outer dim is several times slower, and its threads stall on a busy
     machine). ``threads`` (default: torch's thread count, at most the usable cores) take blocks of dim 1 each;
-    numpy releases the GIL, and every voxel gets the same comparisons (14 classes over 134 x 189 x 229 voxels on
-    2 cores of a Xeon: 0.44-0.52 s in one thread, 0.20-0.25 s in two). CUDA: ``torch.argmax``.
+    numpy releases the GIL, and every voxel gets the same comparisons. CUDA: ``torch.argmax``.
     """
     if out is None:
         out = torch.empty(scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32,
@@ -87,12 +88,11 @@ def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None, threa
         return out
     s = scores.numpy()
     lab = out.numpy()
+    if s.ndim == 1:  # one voxel: a row of it
+        s, lab = s[:, None], lab[None]
     if threads is None:
-        from noisy_student_nnunet.cpu_threads import available_cores
-
-        threads = min(torch.get_num_threads(), available_cores())
-    rows = s.shape[1] if s.ndim > 1 else 0
-    threads = max(1, min(threads, rows, lab.size // ARGMAX_THREAD_MIN_VOXELS))
+        threads = cpu_work_threads()
+    threads = max(1, min(threads, lab.size // ARGMAX_THREAD_MIN_VOXELS))
 
     def running_maximum(a: int, b: int) -> None:
         block, labels = s[:, a:b], lab[a:b]
@@ -107,18 +107,7 @@ def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None, threa
             np.copyto(labels, c, where=better)
             np.maximum(best, value, out=best)
 
-    if threads == 1 or s.ndim == 1:
-        if s.ndim == 1:
-            lab[...] = int(np.argmax(s))
-        else:
-            running_maximum(0, rows)
-        return out
-    from concurrent.futures import ThreadPoolExecutor
-
-    edges = np.linspace(0, rows, threads + 1).round().astype(int)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nsn-argmax") as pool:
-        for future in [pool.submit(running_maximum, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]:
-            future.result()
+    in_blocks(running_maximum, s.shape[1], threads)
     return out
 
 

@@ -108,8 +108,9 @@ class _PlaneResizer:
 
 def resize_cubic_separable(channel: np.ndarray, new_shape: Sequence[int],
                            run_blocks: Callable[[Callable[[int, int], None], int], None]) -> np.ndarray:
-    """float32 ``skimage.transform.resize(channel.astype(float), new_shape, 3, mode='edge', anti_aliasing=False)``
-    of a 3D ``channel`` without NaN, one axis at a time (equal up to float64 rounding: see the module's docstring;
+    """``skimage.transform.resize(channel.astype(float), new_shape, 3, mode='edge', anti_aliasing=False)`` before
+    its last step (the clip to the input's range, which the caller does), float64, of a 3D ``channel`` without NaN,
+    one axis at a time (equal up to float64 rounding: see the module's docstring;
     an axis whose length does not change is left alone, where stock filters and samples it at its own points,
     which gives the same values up to rounding, except that stock spreads a NaN along it).
 
@@ -135,21 +136,13 @@ def resize_cubic_separable(channel: np.ndarray, new_shape: Sequence[int],
 
     def planes(a: int, b: int) -> None:
         resize_plane = _PlaneResizer(channel.shape[1:], new_shape[1:], taps[1:])
-        plane, scratch = np.empty(channel.shape[1:]), np.empty(channel.shape[1:])
+        plane, scratch = np.empty((1, *channel.shape[1:])), np.empty((1, *channel.shape[1:]))
         for i in range(a, b):
             if indices is None:
-                plane[...] = padded[i]
+                plane[0] = padded[i]
             else:
-                np.multiply(padded[indices[i, 0]], weights[i, 0], out=plane)
-                for k in range(1, 4):
-                    np.multiply(padded[indices[i, k]], weights[i, k], out=scratch)
-                    plane += scratch
-            output[i] = resize_plane(plane)
+                evaluate_along(padded, 0, indices[i:i + 1], weights[i:i + 1], out=plane, scratch=scratch)
+            output[i] = resize_plane(plane[0])
 
     run_blocks(planes, new_shape[0])
-    del padded
-    lo, hi = np.min(channel), np.max(channel)
-    if np.isnan(lo):
-        lo, hi = np.nanmin(channel), np.nanmax(channel)
-    np.clip(output, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64), out=output)
-    return output.astype(np.float32)
+    return output
