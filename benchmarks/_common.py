@@ -107,8 +107,9 @@ def warm_guest_memory(gigabytes: float) -> str:
     """Touch ``gigabytes`` of memory once, in a child process, and say how long it took.
 
     On these virtual machines the first touch of guest memory that nothing has used since boot is slow (the host
-    backs it then): 18 GB took 46.9 s the first time and 6.6 s the next (a Xeon with AMX, 2026-12-06), and a
-    245 MB numpy conversion 0.62 s against 0.05 s. Every run then pays for the fresh memory it touches, stock most
+    backs it then): 16 GB took 45.0 s and, minutes after other runs, 32.5 s again (a Xeon with AMX, 2026-12-06;
+    docs/results/bench_backends_amx_e437608.txt and bench_stages_avx2_amx_3cases_warm_memory.txt). Every run then
+    pays for the fresh memory it touches, stock most
     (it touches the most), whatever order the runs come in. Touching the memory first removes that cost, which
     bare metal does not have, from every run alike."""
     if gigabytes <= 0:

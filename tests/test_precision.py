@@ -156,8 +156,8 @@ def test_bf16_labels_match_fp32_on_a_trained_model(trained_model, tmp_path):
     boundaries: every voxel it labels otherwise lies within one network voxel (2 image voxels here) of a boundary of
     the fp32 map, and each learned organ keeps Dice >= 0.98. On the demo model bf16 misses 0.997 on the smallest
     organs by a voxel or two, in torch as in OpenVINO (benchmarks/bench_backends.py --trained); here, on this briefly
-    trained model, it measured >= 0.99 on an EPYC with AVX512-BF16 and 0.9897 on a Xeon with AMX (20 of 1944 voxels
-    of an organ learned to Dice 0.73, all at its boundary)."""
+    trained model, it measured >= 0.99 on an EPYC with AVX512-BF16 and 0.9897 on a Xeon with AMX (an organ of 1944
+    voxels)."""
     results, inputs, truth = trained_model
     _, fp32 = _predict(_env(results), inputs, tmp_path / "fp32", TRAINED_DATASET, "--precision", "fp32", "--backend",
                        "torch")
