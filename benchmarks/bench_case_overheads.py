@@ -6,9 +6,11 @@ On one clinical-size phantom CT (523 x 433 x 269 voxels at 0.7 x 0.7 x 1.25 mm, 
 half-width patch (14 classes, 40 x 224 x 192), in this process with the OpenVINO predictor's heap setting
 (``inference/heap.py``), 2 threads:
 
-1. the input's gzip check and SimpleITK's read, one after the other against side by side (``io_checks.read_checked``);
-2. adding a patch to the fp16 accumulators one class at a time against in steps of ``ADD_STEP_BYTES``
-   (``LowFootprintPredictor._add_patch_``), both checked equal;
+1. the input's gzip check (zlib against ISA-L) and SimpleITK's read: one after the other, side by side, and the
+   stream decompressed once into a checked ``.nii`` that SimpleITK reads (``io_checks.read_checked``);
+2. weighting a patch by the Gaussian map and adding it to the fp16 accumulators, one class at a time against in
+   steps of ``ADD_STEP_BYTES`` through two fp32 buffers (``LowFootprintPredictor._add_weighted_patch_``), checked
+   equal;
 3. the Gaussian importance map, stock's ``compute_gaussian`` against ``inference/gaussian.py``, checked equal;
 4. writing the label map of that CT: a phantom's (smooth, as a trained model's) against noise (random weights').
 
@@ -45,20 +47,32 @@ def median_seconds(function, repeats: int) -> float:
 
 
 def reading_rows(image: Path, repeats: int) -> list[dict]:
+    import gzip
+
     import SimpleITK as sitk
 
     from noisy_student_nnunet.io_checks import check_gzip_stream, read_checked
 
-    def read():
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
+    def read(paths=(str(image),)):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(paths[0])))
 
+    def zlib_check():
+        with gzip.open(image, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+
+    zlib_s = median_seconds(zlib_check, repeats)
     check = median_seconds(lambda: check_gzip_stream(image), repeats)
     alone = median_seconds(read, repeats)
     serial = median_seconds(lambda: (check_gzip_stream(image), read()), repeats)
     beside = median_seconds(lambda: read_checked([image], 1, read), repeats)
-    return [{"piece": "gzip check alone", "seconds": check}, {"piece": "SimpleITK read alone", "seconds": alone},
-            {"piece": "check, then read (before)", "seconds": serial},
-            {"piece": "check beside read (read_checked)", "seconds": beside}]
+    once = median_seconds(lambda: read_checked([image], 1, read, reads_plain_nifti=True), repeats)
+    return [{"piece": "gzip check alone, zlib (Python's gzip)", "seconds": zlib_s},
+            {"piece": "gzip check alone (check_gzip_stream: ISA-L where installed)", "seconds": check},
+            {"piece": "SimpleITK read alone", "seconds": alone},
+            {"piece": "check, then read", "seconds": serial},
+            {"piece": "check beside read (read_checked, readers other than SimpleITKIO)", "seconds": beside},
+            {"piece": "decompressed once, checked, read as .nii (read_checked, SimpleITKIO)", "seconds": once}]
 
 
 def accumulation_rows(repeats: int) -> list[dict]:
@@ -66,23 +80,24 @@ def accumulation_rows(repeats: int) -> list[dict]:
 
     generator = torch.Generator().manual_seed(0)
     prediction = torch.randn((CLASSES, *PATCH), generator=generator) * 5
-    weights = torch.rand(PATCH, generator=generator) * 10
+    weights = (torch.rand(PATCH, generator=generator) * 10).half()  # the predictor's Gaussian map is fp16
     sl = (slice(None), *[slice(5, 5 + p) for p in PATCH])
     accumulator = lambda: torch.zeros((CLASSES, *[p + 10 for p in PATCH]), dtype=torch.half)  # noqa: E731
     ours, ours_n = accumulator(), torch.zeros([p + 10 for p in PATCH], dtype=torch.half)
     before, before_n = ours.clone(), ours_n.clone()
 
-    def per_class():
+    def stock_way():  # sliding_window_prediction's two lines, one class at a time (C x patch fp32 temporaries else)
+        weighted = prediction * weights
         for c in range(CLASSES):
-            before[(c, *sl[1:])] += prediction[c]
+            before[(c, *sl[1:])] += weighted[c]
         before_n[sl[1:]] += weights
 
-    per_class_s = median_seconds(per_class, repeats)
-    steps_s = median_seconds(lambda: LowFootprintPredictor._add_patch_(ours, ours_n, sl, prediction, weights),
-                             repeats)
+    per_class_s = median_seconds(stock_way, repeats)
+    steps_s = median_seconds(
+        lambda: LowFootprintPredictor._add_weighted_patch_(ours, ours_n, sl, prediction, weights), repeats)
     equal = torch.equal(ours, before) and torch.equal(ours_n, before_n)
-    return [{"piece": "add a patch, one class at a time (before)", "seconds": per_class_s},
-            {"piece": f"add a patch in steps (_add_patch_; equal: {equal})", "seconds": steps_s}]
+    return [{"piece": "weight a patch, add it one class at a time", "seconds": per_class_s},
+            {"piece": f"weight and add in steps (_add_weighted_patch_; equal: {equal})", "seconds": steps_s}]
 
 
 def gaussian_rows(repeats: int) -> list[dict]:

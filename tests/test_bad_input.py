@@ -435,15 +435,15 @@ def test_read_checked_trusts_a_read_only_once_its_gzip_stream_checks_out(tmp_pat
     sitk.WriteImage(image, str(whole), True)
     cut = truncate(whole, tmp_path / "cut_0000.nii.gz")
 
-    def read(path: Path):
-        return lambda: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    def read(paths):
+        return sitk.GetArrayFromImage(sitk.ReadImage(paths[0]))
 
-    assert read_checked([whole], 1, read(whole)).shape == (40, 64, 64)
-    assert read(cut)().shape == (40, 64, 64)  # the reader alone takes the cut file
+    assert read_checked([whole], 1, read).shape == (40, 64, 64)
+    assert read([str(cut)]).shape == (40, 64, 64)  # the reader alone takes the cut file
     with pytest.raises(CaseError, match="cut_0000.nii.gz: truncated file"):
-        read_checked([cut], 1, read(cut))
+        read_checked([cut], 1, read)
 
-    def failing():
+    def failing(paths):
         raise RuntimeError("reader failed")
 
     with pytest.raises(CaseError, match="cut_0000.nii.gz: truncated file"):
@@ -451,6 +451,63 @@ def test_read_checked_trusts_a_read_only_once_its_gzip_stream_checks_out(tmp_pat
     with pytest.raises(RuntimeError, match="reader failed"):
         read_checked([whole], 1, failing)
     with pytest.raises(CaseError, match="expects 2"):
-        read_checked([whole], 2, read(whole))
+        read_checked([whole], 2, read)
     with pytest.raises(CaseError, match="missing_0000.nii.gz: file not found"):
-        read_checked([tmp_path / "missing_0000.nii.gz"], 1, read(whole))
+        read_checked([tmp_path / "missing_0000.nii.gz"], 1, read)
+
+
+def test_read_checked_decompresses_once_for_simpleitk_and_still_names_a_bad_stream(tmp_path, monkeypatch):
+    """With nnU-Net's SimpleITKIO each .nii.gz is decompressed once, checked, into a temporary .nii that the reader
+    gets instead (it would decompress the stream a second time): the same array and geometry as reading the
+    original, the copies gone afterwards; a cut or corrupt stream is a CaseError naming the original file; where no
+    folder has room for a copy, the check runs beside the read of the original."""
+    import SimpleITK as sitk
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from noisy_student_nnunet import io_checks
+    from noisy_student_nnunet.errors import CaseError
+    from noisy_student_nnunet.io_checks import read_checked, reads_plain_nifti
+
+    assert reads_plain_nifti(SimpleITKIO) and not reads_plain_nifti(NibabelIO)
+    files = []
+    for channel in range(2):
+        image = sitk.GetImageFromArray(
+            np.random.default_rng(channel).integers(-1000, 1000, (30, 48, 40)).astype(np.int16))
+        image.SetSpacing((0.8, 0.7, 2.5))
+        image.SetOrigin((-10.0, 20.5, 3.0))
+        image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        files.append(tmp_path / f"case_{channel:04d}.nii.gz")
+        sitk.WriteImage(image, str(files[-1]), True)
+    expected, expected_properties = SimpleITKIO().read_images([str(f) for f in files])
+    seen = []
+
+    def read(paths):
+        seen.append(list(paths))
+        assert all(Path(path).is_file() for path in paths)
+        return SimpleITKIO().read_images(paths)
+
+    data, properties = read_checked(files, 2, read, reads_plain_nifti=True)
+    np.testing.assert_array_equal(data, expected)
+    assert properties["spacing"] == expected_properties["spacing"]
+    assert properties["sitk_stuff"] == expected_properties["sitk_stuff"]
+    assert all(path.endswith(".nii") and path not in map(str, files) for path in seen[0])
+    assert not any(Path(path).exists() for path in seen[0])  # the copies are removed
+
+    cut = truncate(files[1], tmp_path / "cut_0001.nii.gz")
+    with pytest.raises(CaseError, match="cut_0001.nii.gz: truncated file"):
+        read_checked([files[0], cut], 2, read, reads_plain_nifti=True)
+    flipped = bytearray(files[0].read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    corrupt = tmp_path / "corrupt_0000.nii.gz"
+    corrupt.write_bytes(bytes(flipped))
+    with pytest.raises(CaseError, match="corrupt_0000.nii.gz: corrupt gzip data"):
+        read_checked([corrupt], 1, read, reads_plain_nifti=True)
+
+    monkeypatch.setattr(io_checks, "_copy_folder", lambda needed: None)
+    seen.clear()
+    data, _ = read_checked(files, 2, read, reads_plain_nifti=True)
+    np.testing.assert_array_equal(data, expected)
+    assert seen == [[str(f) for f in files]]
+    with pytest.raises(CaseError, match="cut_0001.nii.gz: truncated file"):
+        read_checked([files[0], cut], 2, read, reads_plain_nifti=True)

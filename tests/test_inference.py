@@ -557,8 +557,9 @@ def test_cuda_export_equals_cpu_export():
 
 @pytest.mark.parametrize("two_d", [False, True])
 def test_patch_accumulation_in_steps_equals_stock(monkeypatch, two_d):
-    """Adding a patch to the fp16 accumulators a few planes and one class at a time gives stock's numbers
-    (``predicted_logits[sl] += prediction``, ``n_predictions[sl[1:]] += gaussian``) bit for bit."""
+    """Weighting a patch and adding it to the fp16 accumulators a few planes and one class at a time gives stock's
+    numbers (``prediction *= gaussian``, ``predicted_logits[sl] += prediction``, ``n_predictions[sl[1:]] +=
+    gaussian``) bit for bit, for fp16 weights (the predictor's Gaussian), fp32 weights and none (1)."""
     from noisy_student_nnunet.inference import predictor as predictor_module
 
     monkeypatch.setattr(predictor_module, "ADD_STEP_BYTES", 3 * 4 * 24 * 20)  # 3 planes of a 24x20 patch per step
@@ -569,11 +570,15 @@ def test_patch_accumulation_in_steps_equals_stock(monkeypatch, two_d):
     ours = torch.randn((5, 16, 30, 30), generator=generator).half()
     ours_n = torch.rand((16, 30, 30), generator=generator).half()
     stock, stock_n = ours.clone(), ours_n.clone()
-    for weights in (torch.rand(patch, generator=generator) * 10, 1):
+    for weights in ((torch.rand(patch, generator=generator) * 10).half(), torch.rand(patch, generator=generator) * 10,
+                    1):
         prediction = torch.randn((5, *patch), generator=generator) * 7
+        unweighted = prediction.clone()
+        LowFootprintPredictor._add_weighted_patch_(ours, ours_n, sl, prediction, weights)
+        assert torch.equal(prediction, unweighted)
+        prediction *= weights
         stock[sl] += prediction
         stock_n[sl[1:]] += weights
-        LowFootprintPredictor._add_patch_(ours, ours_n, sl, prediction, weights)
         assert torch.equal(ours, stock) and torch.equal(ours_n, stock_n)
 
 

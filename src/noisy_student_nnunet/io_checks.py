@@ -2,16 +2,22 @@
 
 SimpleITK (nnU-Net's default reader) reads a truncated ``.nii.gz`` without an error: the voxels past the
 cut come back as zeros, so a half-copied scan would be predicted or pseudo-labeled with exit status 0.
-:func:`check_gzip_stream` decompresses the whole stream once (about a second per clinical CT, no memory
-kept) and names the file when its end marker or checksum is missing. The checks raise
-:class:`CaseError`: multi-case commands report the case and go on with the others.
+:func:`check_gzip_stream` decompresses the whole stream (no memory kept) and names the file when its end
+marker or checksum is missing. :func:`read_checked` decompresses each stream once for both the check and
+SimpleITK's read where it can (a checked ``.nii`` copy in a temporary folder). Decompression goes through
+Intel's ISA-L (``isal``) where it is installed: the same streams and errors, at about twice zlib's speed
+(``benchmarks/bench_case_overheads.py``). The checks raise :class:`CaseError`: multi-case commands report
+the case and go on with the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import re
+import shutil
+import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +29,18 @@ from noisy_student_nnunet.errors import CaseError, NsnError, error_message
 T = TypeVar("T")
 _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 _READ_CHUNK = 1 << 20
+_COPY_CHUNK = 4 << 20
+#: room a decompressed copy leaves free in its folder (bytes), besides its own size
+_COPY_MARGIN = 256 << 20
+
+try:  # Intel ISA-L: gzip streams decompressed about twice as fast as zlib does, with gzip's own errors
+    from isal import igzip as _gzip
+    from isal.isal_zlib import error as _isal_error
+
+    _ZLIB_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _isal_error)
+except ImportError:  # pragma: no cover - isal is a dependency; the standard library reads the same streams
+    _gzip = gzip
+    _ZLIB_ERRORS = (zlib.error,)
 
 
 @contextlib.contextmanager
@@ -38,7 +56,7 @@ def _gzip_errors(path: str | Path) -> Iterator[None]:
         if text.startswith("Not a gzipped file"):
             raise CaseError(f"{path}: not gzip-compressed although its name ends in .gz") from None
         raise CaseError(f"{path}: corrupt gzip data ({text})") from None
-    except zlib.error as error:
+    except _ZLIB_ERRORS as error:
         raise CaseError(f"{path}: corrupt gzip data ({error_message(error)})") from None
     except FileNotFoundError:
         raise CaseError(f"{path}: file not found") from None
@@ -46,7 +64,7 @@ def _gzip_errors(path: str | Path) -> Iterator[None]:
 
 def check_gzip_stream(path: str | Path) -> None:
     """Decompress ``path`` to its end (nothing kept); CaseError naming it if the stream is cut or corrupt."""
-    with _gzip_errors(path), gzip.open(path, "rb") as handle:
+    with _gzip_errors(path), _gzip.open(path, "rb") as handle:
         while handle.read(_READ_CHUNK):
             pass
 
@@ -57,7 +75,7 @@ def read_gzip_stream(path: str | Path) -> bytes:
     For readers that can parse bytes (nibabel's ``from_bytes``): the file is read and decompressed once,
     where a check followed by the reader's own read decompresses it twice.
     """
-    with _gzip_errors(path), gzip.open(path, "rb") as handle:
+    with _gzip_errors(path), _gzip.open(path, "rb") as handle:
         return handle.read()
 
 
@@ -77,14 +95,83 @@ def check_image_file(path: str | Path) -> None:
         check_gzip_stream(path)
 
 
-def read_checked(files: Sequence[str | Path], num_channels: int, read: Callable[[], T],
-                 expects: str = "the model") -> T:
-    """``read()`` (which reads ``files``) once the case's files pass the checks: one file per channel the model was
-    trained with, each present and, if gzip-compressed, complete. The gzip streams are checked in a thread beside
-    the read rather than before it.
+def reads_plain_nifti(reader_class) -> bool:
+    """``reader_class`` reads an uncompressed ``.nii`` as it reads the same bytes gzip-compressed: nnU-Net's
+    ``SimpleITKIO`` (ITK's NIfTI reader for both, which keeps no file name). nibabel's readers map a ``.nii``
+    into memory instead of reading it, so their arrays would live in the temporary file: they read the
+    original."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    The check decompresses each stream and so does the reader: side by side they take one decompression's time
-    on two cores instead of two (``benchmarks/bench_case_overheads.py``; zlib and SimpleITK release the GIL).
+    return reader_class is SimpleITKIO
+
+
+def _uncompressed_size(path: str | Path) -> int:
+    """The gzip trailer's ISIZE: the decompressed size modulo 4 GiB (a hint for the room needed, not trusted)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            return int.from_bytes(handle.read(4), "little")
+    except OSError:  # shorter than a trailer: the decompression names what is wrong
+        return 0
+
+
+def _copy_folder(needed: int) -> str | None:
+    """A folder with room for ``needed`` bytes and a margin: RAM-backed ``/dev/shm`` first, then the temporary
+    folder (``TMPDIR``); None if neither has room."""
+    for folder in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            continue
+        if os.path.isdir(folder) and os.access(folder, os.W_OK) and \
+                st.f_bavail * st.f_frsize >= needed + _COPY_MARGIN:
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | None]:
+    """Paths to read in place of ``files``: each ``.nii.gz`` decompressed once, and so checked whole (end marker
+    and checksum; :class:`CaseError` naming it otherwise), into a private temporary ``.nii`` that is removed on
+    exit; other files as they are. None where no folder has room or writing the copy fails (a full disk): the
+    caller then reads the originals."""
+    streams = [str(path) for path in files if str(path).endswith(".nii.gz")]
+    folder = _copy_folder(sum(_uncompressed_size(path) for path in streams))
+    if folder is None:
+        yield None
+        return
+    scratch = tempfile.mkdtemp(prefix="nsn-read-", dir=folder)
+    try:
+        paths: list[str] | None = []
+        for i, path in enumerate(str(f) for f in files):
+            if not path.endswith(".nii.gz"):
+                paths.append(path)
+                continue
+            copy = os.path.join(scratch, f"{i:04d}_{os.path.basename(path)[:-3]}")
+            try:
+                with _gzip_errors(path), _gzip.open(path, "rb") as source, open(copy, "wb") as target:
+                    shutil.copyfileobj(source, target, _COPY_CHUNK)
+            except CaseError:
+                raise
+            except OSError:  # no room after all, or an unwritable folder: read the originals
+                paths = None
+                break
+            paths.append(copy)
+        yield paths
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_checked(files: Sequence[str | Path], num_channels: int, read: Callable[[list[str]], T],
+                 expects: str = "the model", reads_plain_nifti: bool = False) -> T:
+    """``read(paths)`` for the case's ``files`` once they pass the checks: one file per channel the model was
+    trained with, each present and, if gzip-compressed, complete.
+
+    ``reads_plain_nifti`` (see :func:`reads_plain_nifti`): each ``.nii.gz`` is decompressed once, checked, into a
+    temporary ``.nii`` that ``read`` gets instead, so that the stream is not decompressed a second time by the
+    reader (0.3 s and a core less per clinical CT: ``benchmarks/bench_case_overheads.py``). Otherwise, or where
+    no folder has room for the copies, the gzip streams are checked in a thread beside ``read(files)``: side by
+    side they take about one decompression's time on two cores (zlib, ISA-L and SimpleITK release the GIL).
     Whatever ``read`` returned is used only if the check passes; if both fail, the check's error wins (it names
     the file and what is wrong)."""
     if len(files) != num_channels:
@@ -92,13 +179,18 @@ def read_checked(files: Sequence[str | Path], num_channels: int, read: Callable[
                         f"expects {num_channels} (_0000 to _{num_channels - 1:04d})")
     for path in files:
         _require_file(path)
-    streams = [path for path in files if _is_gzip(path)]
+    originals = [str(path) for path in files]
+    streams = [path for path in originals if _is_gzip(path)]
     if not streams:
-        return read()
+        return read(originals)
+    if reads_plain_nifti and all(path.endswith(".nii.gz") for path in streams):
+        with decompressed_niftis(originals) as copies:
+            if copies is not None:
+                return read(copies)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsn-gzip-check") as pool:
         checked = pool.submit(lambda: [check_gzip_stream(path) for path in streams])
         try:
-            result = read()
+            result = read(originals)
         except BaseException:
             checked.result()  # raises the check's CaseError if there is one
             raise

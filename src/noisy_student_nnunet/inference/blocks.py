@@ -1,4 +1,5 @@
-"""CPU work cut into blocks, one thread each: what the resampling and the export's argmax share.
+"""CPU work cut into blocks, one thread each: what the resampling and the export's argmax share; and the opposite
+for many small torch ops (:func:`one_torch_thread`).
 
 The work is numpy/scipy C code that releases the GIL, so threads run it side by side.
 """
@@ -6,7 +7,8 @@ The work is numpy/scipy C code that releases the GIL, so threads run it side by 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -18,6 +20,27 @@ def cpu_work_threads() -> int:
     from noisy_student_nnunet.cpu_threads import available_cores
 
     return min(torch.get_num_threads(), available_cores())
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one inside the block, restored after it.
+
+    For a few hundred small ops (up to 512 KB each, as the sliding window's patch adds), waking torch's second
+    thread costs more than it brings once the network has run: next to the OpenVINO network, whose own threads
+    hold both cores, and next to torch's, the adds of one clinical CT took about twice as long on two threads as on
+    one (the stage table of ``benchmarks/bench_backends.py``, "sliding window, other")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def flush_denormals_in_this_thread() -> bool:

@@ -57,11 +57,11 @@ from noisy_student_nnunet.inference.export import (
 )
 from noisy_student_nnunet.cpu_threads import available_cores
 from noisy_student_nnunet.inference.backend import Backend, choose_backend
-from noisy_student_nnunet.inference.blocks import cpu_work_threads
+from noisy_student_nnunet.inference.blocks import cpu_work_threads, one_torch_thread
 from noisy_student_nnunet.inference.precision import Precision, choose_precision
 from noisy_student_nnunet.inference.preprocessing import preprocess_case
 from noisy_student_nnunet.io_checks import check_channels_read, group_case_files, name_unreadable_file, \
-    num_input_channels, read_checked
+    num_input_channels, read_checked, reads_plain_nifti
 
 FOLD_COMBINATIONS = ("logits", "softmax")
 
@@ -109,6 +109,7 @@ def iterate_preprocessed_cases(
     'case'}`` instead, so that one bad case does not stop the others.
     """
     num_channels = num_input_channels(dataset_json)
+    plain_nifti = reads_plain_nifti(plans_manager.image_reader_writer_class)
 
     def one(i: int) -> dict:
         try:
@@ -121,9 +122,9 @@ def iterate_preprocessed_cases(
     def preprocess(i: int) -> dict:
         prev_stage = seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None
         # a truncated .nii.gz reads "fine": its stream is checked beside the read
-        data, properties = read_checked(list_of_lists[i], num_channels, lambda: preprocess_case(
-            list_of_lists[i], prev_stage, plans_manager, configuration_manager, dataset_json, verbose,
-            resample_threads))
+        data, properties = read_checked(list_of_lists[i], num_channels, lambda paths: preprocess_case(
+            paths, prev_stage, plans_manager, configuration_manager, dataset_json, verbose, resample_threads),
+            reads_plain_nifti=plain_nifti)
         if prev_stage is None:
             check_channels_read(list_of_lists[i], data.shape[0], num_channels)  # a 4D file holds several
         if not np.isfinite(data).all():
@@ -343,9 +344,7 @@ class LowFootprintPredictor(nnUNetPredictor):
                         break
                     workon, sl = item
                     prediction = self._internal_maybe_mirror_and_predict(workon)[0].to(results_device)
-                    if self.use_gaussian:
-                        prediction *= gaussian
-                    self._add_patch_(predicted_logits, n_predictions, sl, prediction, gaussian)
+                    self._add_weighted_patch_(predicted_logits, n_predictions, sl, prediction, gaussian)
                     # released before the next patch's network call: held, they would make that call's output
                     # (C x patch, 96 MB for 14 classes and a 40x224x192 patch) a second one at the peak
                     prediction = workon = None
@@ -367,26 +366,40 @@ class LowFootprintPredictor(nnUNetPredictor):
             raise
 
     @staticmethod
-    def _add_patch_(predicted_logits: torch.Tensor, n_predictions: torch.Tensor, sl: tuple,
-                    prediction: torch.Tensor, weights: torch.Tensor | float) -> None:
-        """``predicted_logits[sl] += prediction`` and ``n_predictions[sl[1:]] += weights``, a few planes of one class
-        at a time. Adding fp32 to the fp16 accumulators, torch casts through an fp32 temporary the size of the
-        operands: for the whole patch that is C x patch (96 MB for 14 classes and a 40x224x192 patch) at the moment
-        memory peaks; per class it is 7 MB, which the OpenVINO predictor maps afresh from the kernel every time
-        (inference/heap.py), with page faults (68 ms per patch against 13 ms in steps of at most ADD_STEP_BYTES, whose
-        temporaries the heap reuses: benchmarks/bench_case_overheads.py). Same numbers: each element is cast alike."""
+    def _add_weighted_patch_(predicted_logits: torch.Tensor, n_predictions: torch.Tensor, sl: tuple,
+                             prediction: torch.Tensor, weights: torch.Tensor | float) -> None:
+        """Stock's ``prediction *= weights; predicted_logits[sl] += prediction; n_predictions[sl[1:]] += weights``,
+        bit for bit, a few planes of one class at a time through two fp32 buffers of at most ADD_STEP_BYTES.
+
+        Stock adds the fp32 product to the fp16 accumulator as ``fp16(fp32(fp32(acc) + product))``; here the same
+        three roundings happen in explicit steps (the product into one buffer, the accumulator copied exactly into
+        the other, their fp32 sum, copied back with fp16 rounding). torch would otherwise cast through temporaries
+        the size of the operands (C x patch, 96 MB for 14 classes and a 40x224x192 patch, at the moment memory
+        peaks), which the OpenVINO predictor maps afresh from the kernel (inference/heap.py). The multiply, folded into the
+        steps, no longer makes a pass of its own over the patch (``benchmarks/bench_case_overheads.py`` times both
+        ways). ``prediction`` is left unchanged."""
         first = sl[1]
-        if isinstance(first, slice):  # steps of a few planes: (where in the accumulators, which planes of the patch)
-            planes = max(1, ADD_STEP_BYTES // (4 * prediction[0, 0].numel()))
-            depth = prediction.shape[1]
-            steps = [((slice(first.start + z, first.start + min(z + planes, depth)), *sl[2:]), slice(z, z + planes))
-                     for z in range(0, depth, planes)]
-        else:  # a 2D configuration: sl[1] indexes one plane, and the patch is small: one step
-            steps = [(sl[1:], slice(None))]
-        for here, part in steps:
-            for c in range(prediction.shape[0]):
-                predicted_logits[(c, *here)] += prediction[c][part]
-            n_predictions[here] += weights[part] if isinstance(weights, torch.Tensor) else weights
+        if not isinstance(first, slice):  # a 2D configuration: sl[1] indexes one plane, and the patch is small
+            predicted_logits[sl] += prediction * weights
+            n_predictions[sl[1:]] += weights
+            return
+        planes = max(1, ADD_STEP_BYTES // (4 * prediction[0, 0].numel()))
+        depth = prediction.shape[1]
+        product = torch.empty((min(planes, depth), *prediction.shape[2:]), dtype=torch.float32,
+                              device=prediction.device)
+        total = torch.empty_like(product)
+        with one_torch_thread():  # a few hundred small ops: a second thread costs more than it brings
+            for z in range(0, depth, planes):
+                k = min(planes, depth - z)
+                here = (slice(first.start + z, first.start + z + k), *sl[2:])
+                step_weights = weights[z:z + k].float() if isinstance(weights, torch.Tensor) else weights
+                for c in range(prediction.shape[0]):
+                    accumulator = predicted_logits[(c, *here)]
+                    torch.mul(prediction[c, z:z + k], step_weights, out=product[:k])
+                    total[:k].copy_(accumulator)
+                    total[:k] += product[:k]
+                    accumulator.copy_(total[:k])
+                n_predictions[here] += weights[z:z + k] if isinstance(weights, torch.Tensor) else weights
 
     @staticmethod
     def _accumulate(total: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
