@@ -5,14 +5,14 @@ Stock resamples image data with ``skimage.transform.resize(order=3, mode='edge')
 tensor-product cubic B-spline at each output voxel from 4 x 4 x 4 = 64 coefficients. Both steps are separable:
 the prefilter is a 1-D filter along each axis, and a tensor-product spline sampled on a grid can be evaluated
 along one axis at a time (4 coefficients per output value and axis). Done axis by axis, each later axis works on
-an array already shrunk along the earlier ones, and the 64-tap evaluation becomes 3 x 4 taps.
+an array already shrunk along the earlier ones, and the 64-tap evaluation becomes 3 x 4 taps. The two in-plane
+axes go first, plane by plane; axis 0, the strided one, last, on the shrunken stack.
 
 In exact arithmetic the two orders of work give the same numbers (linear operations along different axes
 commute; padding with edge values commutes with them too). In float64 they differ in the order of additions, by
 about 1e-16 of the values' range. After the cast to float32 that rarely shows: on the 523 x 433 x 269 clinical CT
 no voxel differs from stock's, and in the tests only values that are zero up to rounding do (about 1e-16 apart).
-That CT's preprocessing on 2 cores: 1.25 s against 2.01 s with scipy's 64-tap kernel
-(``benchmarks/bench_preprocessing.py``).
+``benchmarks/bench_preprocessing.py`` times that CT's preprocessing against scipy's 64-tap kernel and stock's.
 """
 
 from __future__ import annotations
@@ -115,34 +115,38 @@ def resize_cubic_separable(channel: np.ndarray, new_shape: Sequence[int],
     which gives the same values up to rounding, except that stock spreads a NaN along it).
 
     ``run_blocks(work, n)`` runs ``work(start, stop)`` over ``range(n)`` in blocks (threads, denormals flushed):
-    first the prefilter along axis 0 over blocks of axis 1, then the output planes along axis 0, each resized in
-    its two other axes. Memory: the input padded along axis 0 in float64 (8 bytes per input voxel) and the
-    float64 output.
+    first each input plane along axis 0 is resized in its two other axes (a plane at a time, in the cache), then
+    the shrunken stack is prefiltered and evaluated along axis 0 over blocks of axis 1. Memory: that stack, padded
+    along axis 0, and the output, in float64. Starting with axis 0 instead would pad and filter the whole input in
+    float64 (8 bytes per input voxel) along its strided axis: slower (``benchmarks/bench_preprocessing.py``).
     """
     new_shape = tuple(int(s) for s in new_shape)
     taps = [cubic_bspline_taps(n, m) if n != m else None for n, m in zip(channel.shape, new_shape)]
-    output = np.empty(new_shape, dtype=np.float64)
-    if taps[0] is not None:
-        padded = np.empty((channel.shape[0] + 2 * SPLINE_PAD, *channel.shape[1:]), dtype=np.float64)
-
-        def pad_and_filter(a: int, b: int) -> None:
-            edge_pad(channel[:, a:b], 0, out=padded[:, a:b])
-            prefilter(padded[:, a:b], 0)
-
-        run_blocks(pad_and_filter, channel.shape[1])
-        indices, weights = taps[0]
-    else:
-        padded, indices, weights = channel, None, None
+    depth = channel.shape[0]
+    stack = np.empty((depth, *new_shape[1:]), dtype=np.float64)
 
     def planes(a: int, b: int) -> None:
         resize_plane = _PlaneResizer(channel.shape[1:], new_shape[1:], taps[1:])
-        plane, scratch = np.empty((1, *channel.shape[1:])), np.empty((1, *channel.shape[1:]))
         for i in range(a, b):
-            if indices is None:
-                plane[0] = padded[i]
-            else:
-                evaluate_along(padded, 0, indices[i:i + 1], weights[i:i + 1], out=plane, scratch=scratch)
-            output[i] = resize_plane(plane[0])
+            stack[i] = resize_plane(channel[i])
 
-    run_blocks(planes, new_shape[0])
+    run_blocks(planes, depth)
+    if taps[0] is None:
+        return stack
+    padded = np.empty((depth + 2 * SPLINE_PAD, *new_shape[1:]), dtype=np.float64)
+
+    def pad_and_filter(a: int, b: int) -> None:
+        edge_pad(stack[:, a:b], 0, out=padded[:, a:b])
+        prefilter(padded[:, a:b], 0)
+
+    run_blocks(pad_and_filter, new_shape[1])
+    del stack
+    output = np.empty(new_shape, dtype=np.float64)
+    indices, weights = taps[0]
+
+    def evaluate(a: int, b: int) -> None:
+        block, scratch = np.empty((new_shape[0], b - a, new_shape[2])), np.empty((new_shape[0], b - a, new_shape[2]))
+        output[:, a:b] = evaluate_along(padded[:, a:b], 0, indices, weights, out=block, scratch=scratch)
+
+    run_blocks(evaluate, new_shape[1])
     return output
