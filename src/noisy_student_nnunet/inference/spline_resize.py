@@ -117,8 +117,8 @@ def resize_cubic_separable(channel: np.ndarray, new_shape: Sequence[int],
     ``run_blocks(work, n)`` runs ``work(start, stop)`` over ``range(n)`` in blocks (threads, denormals flushed):
     first each input plane along axis 0 is resized in its two other axes (a plane at a time, in the cache), then
     the shrunken stack is prefiltered and evaluated along axis 0 over blocks of axis 1. Memory: that stack, padded
-    along axis 0, and the output, in float64. Starting with axis 0 instead would pad and filter the whole input in
-    float64 (8 bytes per input voxel) along its strided axis: slower (``benchmarks/bench_preprocessing.py``).
+    along axis 0, and the output, in float64. Starting with axis 0 (as until e7bd30a) padded and filtered the whole
+    input in float64 (8 bytes per input voxel) along its strided axis, newly allocated (and page-faulted) per case.
     """
     new_shape = tuple(int(s) for s in new_shape)
     taps = [cubic_bspline_taps(n, m) if n != m else None for n, m in zip(channel.shape, new_shape)]
