@@ -29,7 +29,7 @@ from noisy_student_nnunet.errors import CaseError, NsnError, error_message
 T = TypeVar("T")
 _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 _READ_CHUNK = 1 << 20
-_COPY_CHUNK = 4 << 20
+_COPY_CHUNK = 512 << 10
 #: room a decompressed copy leaves free in its folder (bytes), besides its own size
 _COPY_MARGIN = 256 << 20
 
@@ -129,6 +129,17 @@ def _copy_folder(needed: int) -> str | None:
     return None
 
 
+def _copy_through(source, target, buffer: bytearray) -> None:
+    """Copy ``source`` to ``target`` through one reused buffer: fresh chunks at or above glibc's mmap threshold
+    (1 MB in the OpenVINO predictor, ``inference/heap.py``) would be mapped and page-faulted anew each time."""
+    view = memoryview(buffer)
+    while True:
+        n = source.readinto(view)
+        if not n:
+            return
+        target.write(view[:n])
+
+
 @contextlib.contextmanager
 def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | None]:
     """Paths to read in place of ``files``: each ``.nii.gz`` decompressed once, and so checked whole (end marker
@@ -141,6 +152,7 @@ def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | Non
         yield None
         return
     scratch = tempfile.mkdtemp(prefix="nsn-read-", dir=folder)
+    buffer = bytearray(_COPY_CHUNK)
     try:
         paths: list[str] | None = []
         for i, path in enumerate(str(f) for f in files):
@@ -150,7 +162,7 @@ def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | Non
             copy = os.path.join(scratch, f"{i:04d}_{os.path.basename(path)[:-3]}")
             try:
                 with _gzip_errors(path), _gzip.open(path, "rb") as source, open(copy, "wb") as target:
-                    shutil.copyfileobj(source, target, _COPY_CHUNK)
+                    _copy_through(source, target, buffer)
             except CaseError:
                 raise
             except OSError:  # no room after all, or an unwritable folder: read the originals
