@@ -11,8 +11,10 @@ half-width patch (14 classes, 40 x 224 x 192), in this process with the OpenVINO
 2. weighting a patch by the Gaussian map and adding it to the fp16 accumulators, one class at a time against in
    steps of ``ADD_STEP_BYTES`` through two fp32 buffers (``LowFootprintPredictor._add_weighted_patch_``), checked
    equal;
-3. the Gaussian importance map, stock's ``compute_gaussian`` against ``inference/gaussian.py``, checked equal;
-4. writing the label map of that CT: a phantom's (smooth, as a trained model's) against noise (random weights').
+3. the export's argmax over 14 classes of fp16 logits on the clinical CT's network grid: ``torch.argmax``, the
+   numpy running maximum in float32 used before, and ``resize.argmax_channels`` (torch, in the logits' dtype);
+4. the Gaussian importance map, stock's ``compute_gaussian`` against ``inference/gaussian.py``, checked equal;
+5. writing the label map of that CT: a phantom's (smooth, as a trained model's) against noise (random weights').
 
 Each figure is the median over ``--repeats``.
 """
@@ -100,6 +102,41 @@ def accumulation_rows(repeats: int) -> list[dict]:
             {"piece": f"weight and add in steps (_add_weighted_patch_; equal: {equal})", "seconds": steps_s}]
 
 
+def argmax_rows(repeats: int) -> list[dict]:
+    """The export's argmax over the classes of the clinical CT's fp16 logits (network grid 134 x 224 x 229)."""
+    from noisy_student_nnunet.inference.blocks import cpu_work_threads, in_blocks
+    from noisy_student_nnunet.inference.resize import argmax_channels
+
+    generator = torch.Generator().manual_seed(0)
+    scores = (torch.randn((CLASSES, 134, 224, 229), generator=generator) * 3).half()
+
+    def numpy_running_maximum() -> np.ndarray:  # until this commit: float32 buffers, blocks of rows in threads
+        s, labels = scores.numpy(), np.empty(scores.shape[1:], dtype=np.uint8)
+
+        def block(a: int, b: int) -> None:
+            best = s[0, a:b].astype(np.float32)
+            value, better = np.empty_like(best), np.empty(best.shape, dtype=bool)
+            labels[a:b] = 0
+            for c in range(1, s.shape[0]):
+                value[...] = s[c, a:b]
+                np.greater(value, best, out=better)
+                np.copyto(labels[a:b], c, where=better)
+                np.maximum(best, value, out=best)
+
+        in_blocks(block, s.shape[1], cpu_work_threads())
+        return labels
+
+    reference = torch.argmax(scores, 0)
+    torch_s = median_seconds(lambda: torch.argmax(scores, 0), repeats)
+    numpy_s = median_seconds(numpy_running_maximum, repeats)
+    ours_s = median_seconds(lambda: argmax_channels(scores), repeats)
+    equal = np.array_equal(numpy_running_maximum(), reference.numpy()) and \
+        torch.equal(argmax_channels(scores).long(), reference)
+    return [{"piece": "argmax of fp16 logits, torch.argmax", "seconds": torch_s},
+            {"piece": "argmax, numpy running maximum in float32, threads", "seconds": numpy_s},
+            {"piece": f"argmax, torch running maximum in fp16 (argmax_channels; equal: {equal})", "seconds": ours_s}]
+
+
 def gaussian_rows(repeats: int) -> list[dict]:
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian as stock_gaussian
 
@@ -149,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: python benchmarks/bench_case_overheads.py {' '.join(argv or sys.argv[1:])}")
     print(f"CT {SHAPE} at {SPACING} mm, {image.stat().st_size / 1e6:.0f} MB gzip; patch {PATCH}, {CLASSES} classes; "
           f"median of {args.repeats}")
-    rows = (reading_rows(image, args.repeats) + accumulation_rows(args.repeats) + gaussian_rows(args.repeats)
-            + writing_rows(phantom.label, workdir, args.repeats))
+    rows = (reading_rows(image, args.repeats) + accumulation_rows(args.repeats) + argmax_rows(args.repeats)
+            + gaussian_rows(args.repeats) + writing_rows(phantom.label, workdir, args.repeats))
     print(table(rows, [("piece", "piece"), ("seconds", "seconds"), ("note", "note")]))
     return 0
 

@@ -457,10 +457,11 @@ def test_read_checked_trusts_a_read_only_once_its_gzip_stream_checks_out(tmp_pat
 
 
 def test_read_checked_decompresses_once_for_simpleitk_and_still_names_a_bad_stream(tmp_path, monkeypatch):
-    """With nnU-Net's SimpleITKIO each .nii.gz is decompressed once, checked, into a temporary .nii that the reader
+    """With nnU-Net's SimpleITKIO each .nii.gz is decompressed once, checked, into an in-memory .nii that the reader
     gets instead (it would decompress the stream a second time): the same array and geometry as reading the
-    original, the copies gone afterwards; a cut or corrupt stream is a CaseError naming the original file; where no
-    folder has room for a copy, the check runs beside the read of the original."""
+    original, the copies and their links gone afterwards, no descriptor left open; a cut or corrupt stream is a
+    CaseError naming the original file; where no copy can be made, the check runs beside the read of the
+    original."""
     import SimpleITK as sitk
     from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
@@ -487,7 +488,9 @@ def test_read_checked_decompresses_once_for_simpleitk_and_still_names_a_bad_stre
         assert all(Path(path).is_file() for path in paths)
         return SimpleITKIO().read_images(paths)
 
+    open_before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
     data, properties = read_checked(files, 2, read, reads_plain_nifti=True)
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) == open_before
     np.testing.assert_array_equal(data, expected)
     assert properties["spacing"] == expected_properties["spacing"]
     assert properties["sitk_stuff"] == expected_properties["sitk_stuff"]
@@ -504,7 +507,7 @@ def test_read_checked_decompresses_once_for_simpleitk_and_still_names_a_bad_stre
     with pytest.raises(CaseError, match="corrupt_0000.nii.gz: corrupt gzip data"):
         read_checked([corrupt], 1, read, reads_plain_nifti=True)
 
-    monkeypatch.setattr(io_checks, "_copy_folder", lambda needed: None)
+    monkeypatch.setattr(io_checks, "_memory_for_copies", lambda needed: False)
     seen.clear()
     data, _ = read_checked(files, 2, read, reads_plain_nifti=True)
     np.testing.assert_array_equal(data, expected)

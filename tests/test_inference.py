@@ -613,16 +613,24 @@ def test_preprocessing_workers_default_to_the_cores_less_one(monkeypatch):
     assert npp.default is None  # decided in main, after the command line
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_argmax_channels_in_threads_equals_torch_argmax(threads):
-    """The CPU argmax over classes, in one thread or in blocks of rows in several, equals ``torch.argmax`` (first
-    maximum wins) on fp16 scores with many exact ties."""
-    from noisy_student_nnunet.inference import resize
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_argmax_channels_equals_torch_argmax(threads, dtype):
+    """The CPU argmax over classes (a running maximum in the scores' own dtype) equals ``torch.argmax`` (first
+    maximum wins) with many exact ties, and, in float64, with values closer than float32 can tell apart."""
     from noisy_student_nnunet.inference.resize import argmax_channels
 
     generator = torch.Generator().manual_seed(threads)
-    scores = (torch.randint(0, 4, (6, 40, 120, 170), generator=generator).half() / 2)  # 0, 0.5, 1, 1.5: ties
-    assert 40 * 120 * 170 >= 3 * resize.ARGMAX_THREAD_MIN_VOXELS  # large enough for 3 threads
-    labels = argmax_channels(scores, threads=threads)
-    assert labels.dtype == torch.uint8
-    assert torch.equal(labels.long(), torch.argmax(scores.float(), 0))
+    scores = (torch.randint(0, 4, (6, 20, 60, 70), generator=generator) / 2).to(dtype)  # 0, 0.5, 1, 1.5: ties
+    if dtype == torch.float64:
+        scores[3] += 1e-12  # above channel 0..2's equal values only in float64
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        labels = argmax_channels(scores)
+        labels_300 = argmax_channels(torch.cat([scores] * 50)[:300])
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert labels.dtype == torch.uint8 and labels_300.dtype == torch.int32
+    assert torch.equal(labels.long(), torch.argmax(scores, 0))
+    assert torch.equal(labels_300.long(), torch.argmax(torch.cat([scores] * 50)[:300], 0))

@@ -4,7 +4,7 @@ SimpleITK (nnU-Net's default reader) reads a truncated ``.nii.gz`` without an er
 cut come back as zeros, so a half-copied scan would be predicted or pseudo-labeled with exit status 0.
 :func:`check_gzip_stream` decompresses the whole stream (no memory kept) and names the file when its end
 marker or checksum is missing. :func:`read_checked` decompresses each stream once for both the check and
-SimpleITK's read where it can (a checked ``.nii`` copy in a temporary folder). Decompression goes through
+SimpleITK's read where it can (a checked ``.nii`` copy in memory). Decompression goes through
 Intel's ISA-L (``isal``) where it is installed: the same streams and errors, at about twice zlib's speed
 (``benchmarks/bench_case_overheads.py``). The checks raise :class:`CaseError`: multi-case commands report
 the case and go on with the others.
@@ -30,8 +30,8 @@ T = TypeVar("T")
 _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 _READ_CHUNK = 1 << 20
 _COPY_CHUNK = 512 << 10
-#: room a decompressed copy leaves free in its folder (bytes), besides its own size
-_COPY_MARGIN = 256 << 20
+#: RAM (bytes) that decompressed copies leave available, besides their own size
+_COPY_MARGIN = 512 << 20
 
 try:  # Intel ISA-L: gzip streams decompressed about twice as fast as zlib does, with gzip's own errors
     from isal import igzip as _gzip
@@ -115,18 +115,17 @@ def _uncompressed_size(path: str | Path) -> int:
         return 0
 
 
-def _copy_folder(needed: int) -> str | None:
-    """A folder with room for ``needed`` bytes and a margin: RAM-backed ``/dev/shm`` first, then the temporary
-    folder (``TMPDIR``); None if neither has room."""
-    for folder in ("/dev/shm", tempfile.gettempdir()):
-        try:
-            st = os.statvfs(folder)
-        except OSError:
-            continue
-        if os.path.isdir(folder) and os.access(folder, os.W_OK) and \
-                st.f_bavail * st.f_frsize >= needed + _COPY_MARGIN:
-            return folder
-    return None
+def _memory_for_copies(needed: int) -> bool:
+    """In-memory copies are possible (Linux ``memfd_create``) and ``needed`` bytes fit in the available RAM with a
+    margin to spare."""
+    if not hasattr(os, "memfd_create") or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        return False
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available >= needed + _COPY_MARGIN
+    except Exception:  # noqa: BLE001 - no reading of the memory: no copies
+        return False
 
 
 def _copy_through(source, target, buffer: bytearray) -> None:
@@ -143,15 +142,17 @@ def _copy_through(source, target, buffer: bytearray) -> None:
 @contextlib.contextmanager
 def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | None]:
     """Paths to read in place of ``files``: each ``.nii.gz`` decompressed once, and so checked whole (end marker
-    and checksum; :class:`CaseError` naming it otherwise), into a private temporary ``.nii`` that is removed on
-    exit; other files as they are. None where no folder has room or writing the copy fails (a full disk): the
-    caller then reads the originals."""
+    and checksum; :class:`CaseError` naming it otherwise), into an anonymous in-memory file (``memfd_create``),
+    reached through a ``.nii`` link in a private temporary folder; other files as they are. The memory goes back
+    when the block ends, or with the process if it is killed (a file in ``/dev/shm`` would stay until a reboot).
+    None where that is not possible (not Linux, too little free RAM, a write that fails): the caller then reads
+    the originals."""
     streams = [str(path) for path in files if str(path).endswith(".nii.gz")]
-    folder = _copy_folder(sum(_uncompressed_size(path) for path in streams))
-    if folder is None:
+    if not _memory_for_copies(sum(_uncompressed_size(path) for path in streams)):
         yield None
         return
-    scratch = tempfile.mkdtemp(prefix="nsn-read-", dir=folder)
+    scratch = tempfile.mkdtemp(prefix="nsn-read-")
+    descriptors: list[int] = []
     buffer = bytearray(_COPY_CHUNK)
     try:
         paths: list[str] | None = []
@@ -159,18 +160,23 @@ def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | Non
             if not path.endswith(".nii.gz"):
                 paths.append(path)
                 continue
-            copy = os.path.join(scratch, f"{i:04d}_{os.path.basename(path)[:-3]}")
             try:
-                with _gzip_errors(path), _gzip.open(path, "rb") as source, open(copy, "wb") as target:
+                descriptors.append(os.memfd_create(f"nsn-{os.path.basename(path)}", os.MFD_CLOEXEC))
+                with _gzip_errors(path), _gzip.open(path, "rb") as source, \
+                        open(descriptors[-1], "wb", closefd=False) as target:
                     _copy_through(source, target, buffer)
+                link = os.path.join(scratch, f"{i:04d}_{os.path.basename(path)[:-3]}")
+                os.symlink(f"/proc/{os.getpid()}/fd/{descriptors[-1]}", link)
             except CaseError:
                 raise
-            except OSError:  # no room after all, or an unwritable folder: read the originals
+            except OSError:  # no memory after all, or no link: read the originals
                 paths = None
                 break
-            paths.append(copy)
+            paths.append(link)
         yield paths
     finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -179,10 +185,11 @@ def read_checked(files: Sequence[str | Path], num_channels: int, read: Callable[
     """``read(paths)`` for the case's ``files`` once they pass the checks: one file per channel the model was
     trained with, each present and, if gzip-compressed, complete.
 
-    ``reads_plain_nifti`` (see :func:`reads_plain_nifti`): each ``.nii.gz`` is decompressed once, checked, into a
-    temporary ``.nii`` that ``read`` gets instead, so that the stream is not decompressed a second time by the
-    reader (0.3 s and a core less per clinical CT: ``benchmarks/bench_case_overheads.py``). Otherwise, or where
-    no folder has room for the copies, the gzip streams are checked in a thread beside ``read(files)``: side by
+    ``reads_plain_nifti`` (see :func:`reads_plain_nifti`): each ``.nii.gz`` is decompressed once, checked, into an
+    in-memory ``.nii`` (:func:`decompressed_niftis`) that ``read`` gets instead, so that the reader does not
+    decompress the stream a second time (the CPU time of one decompression less per case; the wall time is about
+    that of the reader alone either way: ``benchmarks/bench_case_overheads.py``). Otherwise, or where the copies
+    cannot be made, the gzip streams are checked in a thread beside ``read(files)``: side by
     side they take about one decompression's time on two cores (zlib, ISA-L and SimpleITK release the GIL).
     Whatever ``read`` returned is used only if the check passes; if both fail, the check's error wins (it names
     the file and what is wrong)."""

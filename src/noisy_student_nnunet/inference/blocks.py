@@ -1,5 +1,5 @@
-"""CPU work cut into blocks, one thread each: what the resampling and the export's argmax share; and the opposite
-for many small torch ops (:func:`one_torch_thread`).
+"""CPU work cut into blocks, one thread each, for the resampling and the predictor's thread count; and the
+opposite for many small torch ops (:func:`one_torch_thread`).
 
 The work is numpy/scipy C code that releases the GIL, so threads run it side by side.
 """

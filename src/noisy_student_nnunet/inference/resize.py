@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from scipy.ndimage import map_coordinates
 
-from noisy_student_nnunet.inference.blocks import cpu_work_threads, in_blocks
 
 NEAREST = "nearest"
 LINEAR = "linear"
@@ -67,18 +66,13 @@ def resize_labels_nearest(labels, new_shape: Sequence[int]):
     return out
 
 
-#: below this many voxels argmax_channels stays in the calling thread (a thread costs more than it saves)
-ARGMAX_THREAD_MIN_VOXELS = 2**18
-
-
-def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None, threads: int | None = None
-                    ) -> torch.Tensor:
+def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``argmax`` over dim 0 (first maximum wins, as numpy and torch), as uint8/int32 labels.
 
-    CPU: a running maximum over channels with float32 buffers in numpy: one pass per channel, no int64 index
-    array (torch's CPU argmax over the outer dim is several times slower, and its threads stall on a busy
-    machine). ``threads`` (default: torch's thread count, at most the usable cores) take blocks of dim 1 each;
-    numpy releases the GIL, and every voxel gets the same comparisons. CUDA: ``torch.argmax``.
+    CPU: a running maximum over channels in the scores' own dtype with torch's element-wise kernels (in its
+    threads): one pass per channel, no int64 index array. Comparisons and maxima round nothing, so every dtype
+    gives the exact argmax. torch's CPU argmax over the outer dim is several times slower, and numpy compares
+    float16 one element at a time (``benchmarks/bench_case_overheads.py`` times the three). CUDA: ``torch.argmax``.
     """
     if out is None:
         out = torch.empty(scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32,
@@ -86,28 +80,13 @@ def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None, threa
     if scores.device.type != "cpu":
         out.copy_(torch.argmax(scores, 0))
         return out
-    s = scores.numpy()
-    lab = out.numpy()
-    if s.ndim == 1:  # one voxel: a row of it
-        s, lab = s[:, None], lab[None]
-    if threads is None:
-        threads = cpu_work_threads()
-    threads = max(1, min(threads, lab.size // ARGMAX_THREAD_MIN_VOXELS))
-
-    def running_maximum(a: int, b: int) -> None:
-        block, labels = s[:, a:b], lab[a:b]
-        best = np.empty(block.shape[1:], dtype=np.float32)
-        value = np.empty(block.shape[1:], dtype=np.float32)
-        better = np.empty(block.shape[1:], dtype=bool)
-        best[...] = block[0]
-        labels[...] = 0
-        for c in range(1, block.shape[0]):
-            value[...] = block[c]
-            np.greater(value, best, out=better)
-            np.copyto(labels, c, where=better)
-            np.maximum(best, value, out=best)
-
-    in_blocks(running_maximum, s.shape[1], threads)
+    out.zero_()
+    best = scores[0].clone()
+    better = torch.empty(scores.shape[1:], dtype=torch.bool)
+    for c in range(1, scores.shape[0]):
+        torch.gt(scores[c], best, out=better)
+        out.masked_fill_(better, c)
+        torch.maximum(best, scores[c], out=best)
     return out
 
 
