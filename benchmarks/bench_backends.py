@@ -140,7 +140,7 @@ def stages_worker(model: str, inputs: str, out: str, backend: str, pipelined: st
     raw["load"] = time.perf_counter() - t0
     reader = predictor.plans_manager.image_reader_writer_class
     reader.read_images = timed("reading", reader.read_images)
-    # the gzip check runs beside the read (inside read_checked): only the time spent waiting for it counts
+    # the gzip check or the decompression before the read (inside read_checked): timed as reading
     predictor_module.read_checked = timed("check", predictor_module.read_checked)
     predictor_module.preprocess_case = timed("preprocess", predictor_module.preprocess_case)
     predictor._run_network = timed("network", predictor._run_network)

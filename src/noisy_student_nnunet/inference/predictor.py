@@ -121,7 +121,7 @@ def iterate_preprocessed_cases(
 
     def preprocess(i: int) -> dict:
         prev_stage = seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None
-        # a truncated .nii.gz reads "fine": its stream is checked beside the read
+        # a truncated .nii.gz reads "fine": its stream is checked as it is decompressed, or beside the read
         data, properties = read_checked(list_of_lists[i], num_channels, lambda paths: preprocess_case(
             paths, prev_stage, plans_manager, configuration_manager, dataset_json, verbose, resample_threads),
             reads_plain_nifti=plain_nifti)
