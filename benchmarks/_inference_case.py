@@ -18,8 +18,11 @@ import model_folders as mf  # noqa: E402  (on sys.path through _common)
 
 
 def random_weight_case(work: Path, name: str, shape_zyx, spacing_zyx, plans_spacing, patch, architecture,
-                       dataset_name: str) -> tuple[Path, Path, dict]:
-    """(root, input folder, environment): a results folder with one random-weight fold, one phantom CT."""
+                       dataset_name: str, head_scale: float = 1.0, head_bias_std: float = 0.0
+                       ) -> tuple[Path, Path, dict]:
+    """(root, input folder, environment): a results folder with one random-weight fold, one phantom CT.
+    ``head_scale``, ``head_bias_std``: the segmentation head's weights scaled, random biases added
+    (``model_folders.build_model_folder``)."""
     from noisy_student_nnunet.phantoms import make_phantom
 
     root = work / name
@@ -27,7 +30,7 @@ def random_weight_case(work: Path, name: str, shape_zyx, spacing_zyx, plans_spac
     plans = mf.make_plans(plans_spacing, patch, architecture, dataset_name=dataset_name)
     model = results / dataset_name / f"nnUNetTrainer__nnUNetPlans__{mf.CONFIGURATION}"
     if not (model / "fold_0" / "checkpoint_final.pth").is_file():
-        mf.results_model_folder(results, plans)
+        mf.results_model_folder(results, plans, head_scale=head_scale, head_bias_std=head_bias_std)
     inputs = root / "in"
     image = inputs / "case_0000.nii.gz"
     if not image.is_file():
@@ -82,11 +85,20 @@ def case_geometry(args: argparse.Namespace) -> tuple[tuple, tuple, tuple, tuple]
     return tuple(shape), tuple(spacing), tuple(args.plans_spacing), tuple(args.patch)
 
 
+#: ``--quiet_head``'s segmentation head: weights scaled by this and random biases of standard deviation 1 (nnU-Net
+#: starts them at 0), so that the logits are the biases up to about 1e-4: one class wins everywhere, and the label
+#: map compresses as a trained model's does, not as noise
+QUIET_HEAD_SCALE = 1e-5
+
+
 def half_width_case(args: argparse.Namespace, prefix: str, dataset_name: str) -> HalfWidthCase:
-    """Build (or reuse, under ``--workdir``) the case that ``--shape``/``--spacing``/``--plans_spacing`` describe."""
+    """Build (or reuse, under ``--workdir``) the case that ``--shape``/``--spacing``/``--plans_spacing`` describe
+    (and ``--quiet_head``, where the command has it)."""
     shape, spacing, plans_spacing, patch_request = case_geometry(args)
     architecture, patch = mf.half_width_architecture(plans_spacing, patch_request)
-    name = f"{prefix}_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
+    quiet = getattr(args, "quiet_head", False)
+    name = f"{prefix}{'_quiet' if quiet else ''}_{'x'.join(map(str, shape))}_{'x'.join(map(str, plans_spacing))}"
     root, inputs, env = random_weight_case(Path(args.workdir), name, shape, spacing, plans_spacing, patch,
-                                           architecture, dataset_name)
+                                           architecture, dataset_name, QUIET_HEAD_SCALE if quiet else 1.0,
+                                           1.0 if quiet else 0.0)
     return HalfWidthCase(root, inputs, env, shape, spacing, plans_spacing, patch, architecture, dataset_name)

@@ -3,7 +3,9 @@
     python benchmarks/bench_backends.py [--shape 64 200 200 --spacing 2.5 1.4 1.4] [--runs ...]
         [--folder_runs ...] [--trained RESULTS DATASET MODEL IMAGES]
 
-1. One case (the half-width FLARE22 model with random weights, ``_inference_case.py``), every command under
+1. One case (the half-width FLARE22 model with random weights, ``_inference_case.py``; ``--quiet_head``: its
+   segmentation head scaled down, so that the label maps are one class and write as fast as a trained model's
+   rather than as noise), every command under
    ``nsn profile``'s sampler: stock defaults (TTA), stock ``--disable_tta``, ours torch, ours OpenVINO cold (its
    cache emptied first: the run converts) and warm; each also with ``NSN_CPU_BF16=0`` (the fp32 path a CPU without
    native bf16 takes; its choice, not its speed). Speed-ups and RAM against stock in the same run.
@@ -326,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trained", nargs=4, metavar=("RESULTS", "DATASET", "MODEL_DIR", "IMAGES"), default=None,
                         help="a trained model (nnUNet_results, dataset name, Trainer__Plans__config, image folder) "
                              "whose labels are compared per organ against torch fp32")
+    parser.add_argument("--quiet_head", action="store_true",
+                        help="scale the random model's segmentation head down so that one class wins everywhere: the "
+                             "label maps compress like a trained model's (random weights give noise, whose gzip "
+                             "writing takes about 14x as long: bench_case_overheads.py); the network's work is the "
+                             "same")
     parser.add_argument("--warm_memory_gb", type=float, default=0,
                         help="touch this much memory once before the runs (virtual machines back fresh guest memory "
                              "slowly the first time; see _common.warm_guest_memory); 0: do not")
@@ -339,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = case.root / "ov_cache"
     env = {**case.env, "NSN_OPENVINO_CACHE": str(cache)}
     print(f"(g) one case: phantom {case.shape} (z, y, x) at {case.spacing} mm, plans {case.plans_spacing}, patch "
-          f"{case.patch}, half-width U-Net {case.architecture['arch_kwargs']['features_per_stage']}, 1 fold",
+          f"{case.patch}, half-width U-Net {case.architecture['arch_kwargs']['features_per_stage']}, 1 fold"
+          f"{', quiet head (one class everywhere)' if args.quiet_head else ', random weights (noise label maps)'}",
           flush=True)
     rows = run_set(args.runs, case.inputs, case.root, env, cache, "one")
     stage_env = {**env, "NSN_OPENVINO_CACHE": str(cache_for(cache, {}))}  # warm after the "ov" runs above

@@ -27,9 +27,9 @@ def one_torch_thread() -> Iterator[None]:
     """torch's intra-op threads set to one inside the block, restored after it.
 
     For a few hundred small ops (up to 512 KB each, as the sliding window's patch adds), waking torch's second
-    thread costs more than it brings once the network has run: next to the OpenVINO network, whose own threads
-    hold both cores, and next to torch's, the adds of one clinical CT took about twice as long on two threads as on
-    one (the stage table of ``benchmarks/bench_backends.py``, "sliding window, other")."""
+    thread can cost more than it brings once the network has run: in a profile of the sliding window on the
+    clinical CT (not a committed benchmark), next to either backend's network, the adds ran faster on one thread
+    than on two, while alone (``benchmarks/bench_case_overheads.py``) two threads are a little faster."""
     import torch
 
     threads = torch.get_num_threads()
