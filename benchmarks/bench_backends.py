@@ -115,7 +115,7 @@ def stages_worker(model: str, inputs: str, out: str, backend: str, pipelined: st
     ``pipelined`` "1": with the command's default workers (preprocessing ahead, export in the background), whose
     stage timers overlap; only the totals of such a run mean something."""
     start = time.perf_counter()
-    raw = {k: 0.0 for k in ("load", "prepare", "check", "reading", "preprocess", "network", "window", "export",
+    raw = {k: 0.0 for k in ("load", "prepare", "check", "preprocess", "network", "window", "export",
                             "writing")}
     import torch
 
@@ -140,11 +140,9 @@ def stages_worker(model: str, inputs: str, out: str, backend: str, pipelined: st
     predictor = predictor_module.LowFootprintPredictor(device=torch.device("cpu"), allow_tqdm=False, backend=backend)
     predictor.initialize_from_trained_model_folder(model, (0,))
     raw["load"] = time.perf_counter() - t0
-    reader = predictor.plans_manager.image_reader_writer_class
-    reader.read_images = timed("reading", reader.read_images)
-    # the gzip check or the decompression before the read (inside read_checked): timed as reading
+    # read_checked: the reader's read with the gzip check beside it, or the decompression before it
     predictor_module.read_checked = timed("check", predictor_module.read_checked)
-    predictor_module.preprocess_case = timed("preprocess", predictor_module.preprocess_case)
+    predictor_module.preprocess_image = timed("preprocess", predictor_module.preprocess_image)
     predictor._run_network = timed("network", predictor._run_network)
     predictor._prepare_backend = timed("prepare", predictor._prepare_backend)  # conversion/compilation, once
     predictor._internal_predict_sliding_window_return_logits = timed(
@@ -161,8 +159,8 @@ def stages_worker(model: str, inputs: str, out: str, backend: str, pipelined: st
     predictor.predict_from_files(inputs, out, **workers)
     total = time.perf_counter() - start
     result = {"backend": backend, "total": total, "imports": imports, "start-up": raw["load"] + raw["prepare"],
-              "reading": raw["reading"] + raw["check"] - raw["preprocess"],
-              "preprocessing": raw["preprocess"] - raw["reading"],
+              "reading": raw["check"],  # DefaultPreprocessor's route: read_checked wraps the read alone
+              "preprocessing": raw["preprocess"],
               "network": raw["network"], "sliding window, other": raw["window"] - raw["network"] - raw["prepare"],
               "export": raw["export"], "writing": raw["writing"], "workers": workers}
     result["other"] = max(0.0, total - sum(result[s] for s in STAGES if s != "other"))

@@ -9,7 +9,7 @@ half-width patch (14 classes, 40 x 224 x 192), in this process with the OpenVINO
 1. the input's gzip check (zlib against ISA-L) and SimpleITK's read: one after the other, side by side, and the
    stream decompressed once into a checked ``.nii`` that SimpleITK reads (``io_checks.read_checked``);
 2. weighting a patch by the Gaussian map and adding it to the fp16 accumulators, one class at a time against in
-   steps of ``ADD_STEP_BYTES`` through two fp32 buffers (``LowFootprintPredictor._add_weighted_patch_``), checked
+   steps of ``ADD_STEP_ELEMENTS`` through two fp32 buffers (``LowFootprintPredictor._add_weighted_patch_``), checked
    equal;
 3. the export's argmax over 14 classes of fp16 logits on the clinical CT's network grid: ``torch.argmax``, the
    numpy running maximum in float32 used before, and ``resize.argmax_channels`` (torch, in the logits' dtype);

@@ -555,14 +555,15 @@ def test_cuda_export_equals_cpu_export():
         assert (cpu == gpu).mean() > 0.9999
 
 
-@pytest.mark.parametrize("two_d", [False, True])
-def test_patch_accumulation_in_steps_equals_stock(monkeypatch, two_d):
+@pytest.mark.parametrize("two_d, step", [(False, 3 * 24 * 20), (False, 7 * 20), (True, 3 * 24 * 20)])
+def test_patch_accumulation_in_steps_equals_stock(monkeypatch, two_d, step):
     """Weighting a patch and adding it to the fp16 accumulators a few planes and one class at a time gives stock's
     numbers (``prediction *= gaussian``, ``predicted_logits[sl] += prediction``, ``n_predictions[sl[1:]] +=
-    gaussian``) bit for bit, for fp16 weights (the predictor's Gaussian), fp32 weights and none (1)."""
+    gaussian``) bit for bit, for fp16 weights (the predictor's Gaussian), fp32 weights and none (1), in steps of
+    whole planes or of rows within a plane."""
     from noisy_student_nnunet.inference import predictor as predictor_module
 
-    monkeypatch.setattr(predictor_module, "ADD_STEP_BYTES", 3 * 4 * 24 * 20)  # 3 planes of a 24x20 patch per step
+    monkeypatch.setattr(predictor_module, "ADD_STEP_ELEMENTS", step)  # 3 planes of a 24x20 patch, or 7 rows
     generator = torch.Generator().manual_seed(0)
     patch = (24, 20) if two_d else (11, 24, 20)
     sl = (slice(None), 4, slice(3, 27), slice(5, 25)) if two_d else (slice(None), slice(2, 13), slice(3, 27),

@@ -115,17 +115,29 @@ def _uncompressed_size(path: str | Path) -> int:
         return 0
 
 
+def _cgroup_memory_left() -> int | None:
+    """Bytes this process's cgroup (v2) may still charge, where it has a limit: memfd pages count against it."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as current:
+            text = limit.read().strip()
+            return None if text == "max" else int(text) - int(current.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def _memory_for_copies(needed: int) -> bool:
-    """In-memory copies are possible (Linux ``memfd_create``) and ``needed`` bytes fit in the available RAM with a
-    margin to spare."""
-    if not hasattr(os, "memfd_create") or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+    """In-memory copies are possible (Linux ``memfd_create``) and ``needed`` bytes fit, with a margin, in the
+    available RAM and under a cgroup memory limit."""
+    if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
         return False
     try:
         import psutil
 
-        return psutil.virtual_memory().available >= needed + _COPY_MARGIN
+        available = psutil.virtual_memory().available
     except Exception:  # noqa: BLE001 - no reading of the memory: no copies
         return False
+    cgroup = _cgroup_memory_left()
+    return min(available, cgroup if cgroup is not None else available) >= needed + _COPY_MARGIN
 
 
 def _copy_through(source, target, buffer: bytearray) -> None:
@@ -151,7 +163,11 @@ def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | Non
     if not _memory_for_copies(sum(_uncompressed_size(path) for path in streams)):
         yield None
         return
-    scratch = tempfile.mkdtemp(prefix="nsn-read-")
+    try:
+        scratch = tempfile.mkdtemp(prefix="nsn-read-")
+    except OSError:  # no temporary folder for the links: read the originals
+        yield None
+        return
     descriptors: list[int] = []
     buffer = bytearray(_COPY_CHUNK)
     try:
@@ -166,7 +182,7 @@ def decompressed_niftis(files: Sequence[str | Path]) -> Iterator[list[str] | Non
                         open(descriptors[-1], "wb", closefd=False) as target:
                     _copy_through(source, target, buffer)
                 link = os.path.join(scratch, f"{i:04d}_{os.path.basename(path)[:-3]}")
-                os.symlink(f"/proc/{os.getpid()}/fd/{descriptors[-1]}", link)
+                os.symlink(f"/proc/self/fd/{descriptors[-1]}", link)  # resolved by this process's reader
             except CaseError:
                 raise
             except OSError:  # no memory after all, or no link: read the originals
@@ -203,9 +219,12 @@ def read_checked(files: Sequence[str | Path], num_channels: int, read: Callable[
     if not streams:
         return read(originals)
     if reads_plain_nifti and all(path.endswith(".nii.gz") for path in streams):
-        with decompressed_niftis(originals) as copies:
+        with decompressed_niftis(originals) as copies:  # the streams are checked whole here
             if copies is not None:
-                return read(copies)
+                try:
+                    return read(copies)
+                except Exception:  # noqa: BLE001 - the reader failed on a copy: it reads the original below
+                    pass
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsn-gzip-check") as pool:
         checked = pool.submit(lambda: [check_gzip_stream(path) for path in streams])
         try:

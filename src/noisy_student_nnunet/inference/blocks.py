@@ -1,5 +1,4 @@
-"""CPU work cut into blocks, one thread each, for the resampling and the predictor's thread count; and the
-opposite for many small torch ops (:func:`one_torch_thread`).
+"""CPU work cut into blocks, one thread each: what the resampling shares with the predictor's thread count.
 
 The work is numpy/scipy C code that releases the GIL, so threads run it side by side.
 """
@@ -7,8 +6,7 @@ The work is numpy/scipy C code that releases the GIL, so threads run it side by 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -20,27 +18,6 @@ def cpu_work_threads() -> int:
     from noisy_student_nnunet.cpu_threads import available_cores
 
     return min(torch.get_num_threads(), available_cores())
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch's intra-op threads set to one inside the block, restored after it.
-
-    For a few hundred small ops (up to 512 KB each, as the sliding window's patch adds), waking torch's second
-    thread can cost more than it brings once the network has run: in a profile of the sliding window on the
-    clinical CT (not a committed benchmark), next to either backend's network, the adds ran faster on one thread
-    than on two, while alone (``benchmarks/bench_case_overheads.py``) two threads are a little faster."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def flush_denormals_in_this_thread() -> bool:

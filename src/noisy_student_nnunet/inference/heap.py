@@ -10,8 +10,8 @@ are large allocations too: mapped afresh on every layer they cost page faults, 3
 so the predictor fixes the threshold with OpenVINO only (whose buffers are allocated once). What is allocated and
 freed again and again must stay below the threshold: adding each patch to the fp16 accumulators one class at a time,
 torch's fp32 cast temporaries (7 MB each) cost 68 ms per patch in page faults (13 ms without;
-benchmarks/bench_case_overheads.py), until the sliding window added patches in steps of at most 512 KB
-(``predictor.ADD_STEP_BYTES``, ``_add_weighted_patch_``).
+benchmarks/bench_case_overheads.py), until the sliding window added patches in small steps (now 128 KB of fp32)
+(``predictor.ADD_STEP_ELEMENTS``, ``_add_weighted_patch_``).
 """
 
 from __future__ import annotations

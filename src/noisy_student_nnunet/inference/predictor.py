@@ -57,9 +57,9 @@ from noisy_student_nnunet.inference.export import (
 )
 from noisy_student_nnunet.cpu_threads import available_cores
 from noisy_student_nnunet.inference.backend import Backend, choose_backend
-from noisy_student_nnunet.inference.blocks import cpu_work_threads, one_torch_thread
+from noisy_student_nnunet.inference.blocks import cpu_work_threads
 from noisy_student_nnunet.inference.precision import Precision, choose_precision
-from noisy_student_nnunet.inference.preprocessing import preprocess_case
+from noisy_student_nnunet.inference.preprocessing import preprocess_case, preprocess_image, uses_stock_preprocessor
 from noisy_student_nnunet.io_checks import check_channels_read, group_case_files, name_unreadable_file, \
     num_input_channels, read_checked, reads_plain_nifti
 
@@ -122,9 +122,16 @@ def iterate_preprocessed_cases(
     def preprocess(i: int) -> dict:
         prev_stage = seg_from_prev_stage_files[i] if seg_from_prev_stage_files is not None else None
         # a truncated .nii.gz reads "fine": its stream is checked as it is decompressed, or beside the read
-        data, properties = read_checked(list_of_lists[i], num_channels, lambda paths: preprocess_case(
-            paths, prev_stage, plans_manager, configuration_manager, dataset_json, verbose, resample_threads),
-            reads_plain_nifti=plain_nifti)
+        if uses_stock_preprocessor(configuration_manager, prev_stage):  # it reads the files itself
+            data, properties = read_checked(list_of_lists[i], num_channels, lambda paths: preprocess_case(
+                paths, prev_stage, plans_manager, configuration_manager, dataset_json, verbose, resample_threads))
+        else:  # the read's decompressed copies are released before the preprocessing
+            image, properties = read_checked(list_of_lists[i], num_channels,
+                                             plans_manager.image_reader_writer_class().read_images,
+                                             reads_plain_nifti=plain_nifti)
+            data, properties = preprocess_image(image, properties, plans_manager, configuration_manager, verbose,
+                                                resample_threads)
+            del image
         if prev_stage is None:
             check_channels_read(list_of_lists[i], data.shape[0], num_channels)  # a 4D file holds several
         if not np.isfinite(data).all():
@@ -150,8 +157,11 @@ def iterate_preprocessed_cases(
             yield pending.popleft().result()
 
 
-#: at most this many bytes of fp32 per step of adding a patch to the accumulators (below heap.py's mmap threshold)
-ADD_STEP_BYTES = 512 * 1024
+#: at most this many elements per step of adding a patch to the accumulators: torch's ``at::internal::GRAIN_SIZE``,
+#: below which an element-wise op runs in the calling thread (waking torch's other threads for a few hundred small
+#: ops costs more than they bring next to the network's threads), and 128 KB of fp32, far below heap.py's mmap
+#: threshold
+ADD_STEP_ELEMENTS = 32768
 
 
 class LowFootprintPredictor(nnUNetPredictor):
@@ -369,37 +379,44 @@ class LowFootprintPredictor(nnUNetPredictor):
     def _add_weighted_patch_(predicted_logits: torch.Tensor, n_predictions: torch.Tensor, sl: tuple,
                              prediction: torch.Tensor, weights: torch.Tensor | float) -> None:
         """Stock's ``prediction *= weights; predicted_logits[sl] += prediction; n_predictions[sl[1:]] += weights``,
-        bit for bit, a few planes of one class at a time through two fp32 buffers of at most ADD_STEP_BYTES.
+        bit for bit, one class and a few planes or rows (at most ADD_STEP_ELEMENTS) at a time, through two fp32
+        buffers.
 
         Stock adds the fp32 product to the fp16 accumulator as ``fp16(fp32(fp32(acc) + product))``; here the same
         three roundings happen in explicit steps (the product into one buffer, the accumulator copied exactly into
         the other, their fp32 sum, copied back with fp16 rounding). torch would otherwise cast through temporaries
         the size of the operands (C x patch, 96 MB for 14 classes and a 40x224x192 patch, at the moment memory
-        peaks), which the OpenVINO predictor maps afresh from the kernel (inference/heap.py). The multiply, folded into the
-        steps, no longer makes a pass of its own over the patch (``benchmarks/bench_case_overheads.py`` times both
-        ways). ``prediction`` is left unchanged."""
+        peaks), which the OpenVINO predictor maps afresh from the kernel (inference/heap.py). The multiply, folded
+        into the steps, no longer makes a pass of its own over the patch (``benchmarks/bench_case_overheads.py``
+        times both ways). ``prediction`` is left unchanged."""
         first = sl[1]
         if not isinstance(first, slice):  # a 2D configuration: sl[1] indexes one plane, and the patch is small
             predicted_logits[sl] += prediction * weights
             n_predictions[sl[1:]] += weights
             return
-        planes = max(1, ADD_STEP_BYTES // (4 * prediction[0, 0].numel()))
-        depth = prediction.shape[1]
-        product = torch.empty((min(planes, depth), *prediction.shape[2:]), dtype=torch.float32,
+        depth, height, width = prediction.shape[1:]
+        if height * width <= ADD_STEP_ELEMENTS:  # whole planes per step
+            planes, rows = max(1, ADD_STEP_ELEMENTS // (height * width)), height
+        else:  # rows of one plane per step
+            planes, rows = 1, max(1, ADD_STEP_ELEMENTS // width)
+        product = torch.empty((min(planes, depth), min(rows, height), width), dtype=torch.float32,
                               device=prediction.device)
         total = torch.empty_like(product)
-        with one_torch_thread():  # a few hundred small ops: a second thread costs more than it brings
-            for z in range(0, depth, planes):
-                k = min(planes, depth - z)
-                here = (slice(first.start + z, first.start + z + k), *sl[2:])
-                step_weights = weights[z:z + k].float() if isinstance(weights, torch.Tensor) else weights
+        top = sl[2].start or 0
+        for z in range(0, depth, planes):
+            k = min(planes, depth - z)
+            for y in range(0, height, rows):
+                r = min(rows, height - y)
+                here = (slice(first.start + z, first.start + z + k), slice(top + y, top + y + r), *sl[3:])
+                step_weights = weights[z:z + k, y:y + r].float() if isinstance(weights, torch.Tensor) else weights
+                buffer, sum_ = product[:k, :r], total[:k, :r]
                 for c in range(prediction.shape[0]):
                     accumulator = predicted_logits[(c, *here)]
-                    torch.mul(prediction[c, z:z + k], step_weights, out=product[:k])
-                    total[:k].copy_(accumulator)
-                    total[:k] += product[:k]
-                    accumulator.copy_(total[:k])
-                n_predictions[here] += weights[z:z + k] if isinstance(weights, torch.Tensor) else weights
+                    torch.mul(prediction[c, z:z + k, y:y + r], step_weights, out=buffer)
+                    sum_.copy_(accumulator)
+                    sum_ += buffer
+                    accumulator.copy_(sum_)
+                n_predictions[here] += weights[z:z + k, y:y + r] if isinstance(weights, torch.Tensor) else weights
 
     @staticmethod
     def _accumulate(total: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:

@@ -247,6 +247,14 @@ def crop_to_nonzero_lean(data: np.ndarray) -> tuple[np.ndarray, list[list[int]]]
     return data[(slice(None), *bounding_box_to_slice(bbox))], bbox
 
 
+def uses_stock_preprocessor(configuration_manager, seg_from_prev_stage_file: str | None) -> bool:
+    """The case goes through the plans' own preprocessor (which reads its files itself): a preprocessor other than
+    ``DefaultPreprocessor``, or a previous stage's segmentation to stack on."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    return configuration_manager.preprocessor_class is not DefaultPreprocessor or seg_from_prev_stage_file is not None
+
+
 def preprocess_case(
     image_files: Sequence[str],
     seg_from_prev_stage_file: str | None,
@@ -261,14 +269,10 @@ def preprocess_case(
     ``data`` is float32 ``(C, *network_grid_shape)``; with a previous-stage segmentation it has the one-hot
     channels stacked on, as in stock's data iterators. ``threads``: for the 3D resampling (same numbers).
     """
-    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
     from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
-    preprocessor_class = configuration_manager.preprocessor_class
-    if preprocessor_class is not DefaultPreprocessor or seg_from_prev_stage_file is not None:
-        preprocessor = preprocessor_class(verbose=verbose)
+    if uses_stock_preprocessor(configuration_manager, seg_from_prev_stage_file):
+        preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
         data, seg, properties = preprocessor.run_case(
             list(image_files), seg_from_prev_stage_file, plans_manager, configuration_manager, dataset_json
         )
@@ -278,9 +282,27 @@ def preprocess_case(
             data = np.vstack((data, seg_onehot))
         return np.ascontiguousarray(data, dtype=np.float32), properties
 
-    rw = plans_manager.image_reader_writer_class()
-    data, properties = rw.read_images(list(image_files))  # float32, freshly allocated: safe to modify in place
-    data = data.astype(np.float32, copy=False)
+    data, properties = plans_manager.image_reader_writer_class().read_images(list(image_files))
+    return preprocess_image(data, properties, plans_manager, configuration_manager, verbose, threads)
+
+
+def preprocess_image(
+    data: np.ndarray,
+    properties: dict,
+    plans_manager,
+    configuration_manager,
+    verbose: bool = False,
+    threads: int = 1,
+) -> tuple[np.ndarray, dict]:
+    """What :func:`preprocess_case` does after the read on ``DefaultPreprocessor``'s route: ``data`` and
+    ``properties`` as the plans' reader returned them (``data`` is modified in place: pass an array read for
+    this call alone). Callers that read through :func:`~noisy_student_nnunet.io_checks.read_checked` so release
+    the read's temporary copies before the preprocessing's own memory peak."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    data = data.astype(np.float32, copy=False)  # readers return float32, freshly allocated
     transpose_forward = plans_manager.transpose_forward
     data = data.transpose([0, *[i + 1 for i in transpose_forward]])
     original_spacing = [properties["spacing"][i] for i in transpose_forward]

@@ -73,6 +73,8 @@ def argmax_channels(scores: torch.Tensor, out: torch.Tensor | None = None) -> to
     threads): one pass per channel, no int64 index array. Comparisons and maxima round nothing, so every dtype
     gives the exact argmax. torch's CPU argmax over the outer dim is several times slower, and numpy compares
     float16 one element at a time (``benchmarks/bench_case_overheads.py`` times the three). CUDA: ``torch.argmax``.
+    Where a score is NaN the label may differ from torch's and numpy's (they return the NaN's channel): such a
+    voxel has no meaningful label either way.
     """
     if out is None:
         out = torch.empty(scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32,
