@@ -494,6 +494,7 @@ def test_read_checked_decompresses_once_for_simpleitk_and_still_names_a_bad_stre
     np.testing.assert_array_equal(data, expected)
     assert properties["spacing"] == expected_properties["spacing"]
     assert properties["sitk_stuff"] == expected_properties["sitk_stuff"]
+    assert len(seen) == 1  # the reader read the copies (no retry with the originals)
     assert all(path.endswith(".nii") and path not in map(str, files) for path in seen[0])
     assert not any(Path(path).exists() for path in seen[0])  # the copies are removed
 
