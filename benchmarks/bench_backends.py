@@ -140,8 +140,8 @@ def stages_worker(model: str, inputs: str, out: str, backend: str, pipelined: st
     predictor = predictor_module.LowFootprintPredictor(device=torch.device("cpu"), allow_tqdm=False, backend=backend)
     predictor.initialize_from_trained_model_folder(model, (0,))
     raw["load"] = time.perf_counter() - t0
-    # read_checked: the reader's read with the gzip check beside it, or the decompression before it
-    predictor_module.read_checked = timed("check", predictor_module.read_checked)
+    # the reader's read with the gzip check beside it, or the decompression before it
+    predictor_module.read_images_checked = timed("check", predictor_module.read_images_checked)
     predictor_module.preprocess_image = timed("preprocess", predictor_module.preprocess_image)
     predictor._run_network = timed("network", predictor._run_network)
     predictor._prepare_backend = timed("prepare", predictor._prepare_backend)  # conversion/compilation, once
@@ -159,7 +159,7 @@ def stages_worker(model: str, inputs: str, out: str, backend: str, pipelined: st
     predictor.predict_from_files(inputs, out, **workers)
     total = time.perf_counter() - start
     result = {"backend": backend, "total": total, "imports": imports, "start-up": raw["load"] + raw["prepare"],
-              "reading": raw["check"],  # DefaultPreprocessor's route: read_checked wraps the read alone
+              "reading": raw["check"],  # DefaultPreprocessor's route: read_images_checked wraps the read alone
               "preprocessing": raw["preprocess"],
               "network": raw["network"], "sliding window, other": raw["window"] - raw["network"] - raw["prepare"],
               "export": raw["export"], "writing": raw["writing"], "workers": workers}

@@ -137,7 +137,9 @@ def _memory_for_copies(needed: int) -> bool:
     except Exception:  # noqa: BLE001 - no reading of the memory: no copies
         return False
     cgroup = _cgroup_memory_left()
-    return min(available, cgroup if cgroup is not None else available) >= needed + _COPY_MARGIN
+    if cgroup is not None:
+        available = min(available, cgroup)
+    return available >= needed + _COPY_MARGIN
 
 
 def _copy_through(source, target, buffer: bytearray) -> None:
@@ -234,6 +236,13 @@ def read_checked(files: Sequence[str | Path], num_channels: int, read: Callable[
             raise
         checked.result()
     return result
+
+
+def read_images_checked(files: Sequence[str | Path], num_channels: int, reader_class,
+                        expects: str = "the model") -> tuple:
+    """``reader_class().read_images`` of the case's ``files`` through :func:`read_checked`, each ``.nii.gz``
+    decompressed once where the reader takes the plain copy (:func:`reads_plain_nifti`)."""
+    return read_checked(files, num_channels, reader_class().read_images, expects, reads_plain_nifti(reader_class))
 
 
 def check_channels_read(files: Sequence[str | Path], channels_read: int, num_channels: int,

@@ -1,4 +1,4 @@
-"""CPU work cut into blocks, one thread each: what the resampling shares with the predictor's thread count.
+"""CPU work outside torch: how many threads it gets, and the resampling cut into blocks, one thread each.
 
 The work is numpy/scipy C code that releases the GIL, so threads run it side by side.
 """

@@ -55,13 +55,12 @@ from noisy_student_nnunet.inference.export import (
     labels_in_original_geometry,
     write_labels,
 )
-from noisy_student_nnunet.cpu_threads import available_cores
 from noisy_student_nnunet.inference.backend import Backend, choose_backend
 from noisy_student_nnunet.inference.blocks import cpu_work_threads
 from noisy_student_nnunet.inference.precision import Precision, choose_precision
 from noisy_student_nnunet.inference.preprocessing import preprocess_case, preprocess_image, uses_stock_preprocessor
 from noisy_student_nnunet.io_checks import check_channels_read, group_case_files, name_unreadable_file, \
-    num_input_channels, read_checked, reads_plain_nifti
+    num_input_channels, read_checked, read_images_checked
 
 FOLD_COMBINATIONS = ("logits", "softmax")
 
@@ -109,7 +108,6 @@ def iterate_preprocessed_cases(
     'case'}`` instead, so that one bad case does not stop the others.
     """
     num_channels = num_input_channels(dataset_json)
-    plain_nifti = reads_plain_nifti(plans_manager.image_reader_writer_class)
 
     def one(i: int) -> dict:
         try:
@@ -126,9 +124,8 @@ def iterate_preprocessed_cases(
             data, properties = read_checked(list_of_lists[i], num_channels, lambda paths: preprocess_case(
                 paths, prev_stage, plans_manager, configuration_manager, dataset_json, verbose, resample_threads))
         else:  # the read's decompressed copies are released before the preprocessing
-            image, properties = read_checked(list_of_lists[i], num_channels,
-                                             plans_manager.image_reader_writer_class().read_images,
-                                             reads_plain_nifti=plain_nifti)
+            image, properties = read_images_checked(list_of_lists[i], num_channels,
+                                                    plans_manager.image_reader_writer_class)
             data, properties = preprocess_image(image, properties, plans_manager, configuration_manager, verbose,
                                                 resample_threads)
             del image
@@ -158,9 +155,8 @@ def iterate_preprocessed_cases(
 
 
 #: at most this many elements per step of adding a patch to the accumulators: torch's ``at::internal::GRAIN_SIZE``,
-#: below which an element-wise op runs in the calling thread (waking torch's other threads for a few hundred small
-#: ops costs more than they bring next to the network's threads), and 128 KB of fp32, far below heap.py's mmap
-#: threshold
+#: below which an element-wise op runs in the calling thread without waking torch's other threads (the adds come
+#: between the network's calls), and 128 KB of fp32, far below heap.py's mmap threshold
 ADD_STEP_ELEMENTS = 32768
 
 
@@ -262,12 +258,6 @@ class LowFootprintPredictor(nnUNetPredictor):
             else:
                 view.copy_(torch.log(p))
 
-    @staticmethod
-    def _cpu_threads() -> int:
-        """Threads for this process's CPU work outside torch (OpenVINO, resampling): torch's count, at most the
-        cores this process may run on."""
-        return cpu_work_threads()
-
     def _openvino_runner(self, input_shape: Sequence[int]):
         """The OpenVINO runner for full patches of ``input_shape`` (made once; conversion and compilation happen
         at its first use for each set of weights)."""
@@ -275,7 +265,7 @@ class LowFootprintPredictor(nnUNetPredictor):
             from noisy_student_nnunet.inference.openvino_backend import OpenVinoRunner
 
             self._openvino = OpenVinoRunner(input_shape, self.precision.name, self.model_folder,
-                                            threads=self._cpu_threads())
+                                            threads=cpu_work_threads())
         return self._openvino
 
     def _weights_digest(self) -> Optional[str]:
@@ -403,20 +393,22 @@ class LowFootprintPredictor(nnUNetPredictor):
                               device=prediction.device)
         total = torch.empty_like(product)
         top = sl[2].start or 0
+        weighted = isinstance(weights, torch.Tensor)
         for z in range(0, depth, planes):
             k = min(planes, depth - z)
             for y in range(0, height, rows):
                 r = min(rows, height - y)
                 here = (slice(first.start + z, first.start + z + k), slice(top + y, top + y + r), *sl[3:])
-                step_weights = weights[z:z + k, y:y + r].float() if isinstance(weights, torch.Tensor) else weights
+                step_weights = weights[z:z + k, y:y + r] if weighted else weights
+                step_weights_fp32 = step_weights.float() if weighted else weights
                 buffer, sum_ = product[:k, :r], total[:k, :r]
                 for c in range(prediction.shape[0]):
                     accumulator = predicted_logits[(c, *here)]
-                    torch.mul(prediction[c, z:z + k, y:y + r], step_weights, out=buffer)
+                    torch.mul(prediction[c, z:z + k, y:y + r], step_weights_fp32, out=buffer)
                     sum_.copy_(accumulator)
                     sum_ += buffer
                     accumulator.copy_(sum_)
-                n_predictions[here] += weights[z:z + k, y:y + r] if isinstance(weights, torch.Tensor) else weights
+                n_predictions[here] += step_weights
 
     @staticmethod
     def _accumulate(total: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
@@ -439,7 +431,7 @@ class LowFootprintPredictor(nnUNetPredictor):
         caller's torch setting, at most the cores this process may use (no cap at ``nnUNet_def_n_proc``).
         """
         n_threads = torch.get_num_threads()
-        torch.set_num_threads(min(n_threads, available_cores()))
+        torch.set_num_threads(cpu_work_threads())
         try:
             total = None
             for params in self.list_of_parameters:
@@ -602,7 +594,7 @@ class LowFootprintPredictor(nnUNetPredictor):
         return iterate_preprocessed_cases(input_list_of_lists, seg_from_prev_stage_files,
                                           output_filenames_truncated, self.plans_manager, self.dataset_json,
                                           self.configuration_manager, num_processes, self.verbose_preprocessing,
-                                          resample_threads=self._cpu_threads())
+                                          resample_threads=cpu_work_threads())
 
     def predict_from_files_sequential(self,
                                       list_of_lists_or_source_folder: Union[str, List[List[str]]],

@@ -296,7 +296,7 @@ def preprocess_image(
 ) -> tuple[np.ndarray, dict]:
     """What :func:`preprocess_case` does after the read on ``DefaultPreprocessor``'s route: ``data`` and
     ``properties`` as the plans' reader returned them (``data`` is modified in place: pass an array read for
-    this call alone). Callers that read through :func:`~noisy_student_nnunet.io_checks.read_checked` so release
+    this call alone). Callers that read through :func:`~noisy_student_nnunet.io_checks.read_images_checked` so release
     the read's temporary copies before the preprocessing's own memory peak."""
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from scipy.ndimage import map_coordinates
 
-
 NEAREST = "nearest"
 LINEAR = "linear"
 

@@ -145,8 +145,8 @@ def resize_cubic_separable(channel: np.ndarray, new_shape: Sequence[int],
     indices, weights = taps[0]
 
     def evaluate(a: int, b: int) -> None:
-        block, scratch = np.empty((new_shape[0], b - a, new_shape[2])), np.empty((new_shape[0], b - a, new_shape[2]))
-        output[:, a:b] = evaluate_along(padded[:, a:b], 0, indices, weights, out=block, scratch=scratch)
+        scratch = np.empty((new_shape[0], b - a, new_shape[2]))
+        evaluate_along(padded[:, a:b], 0, indices, weights, out=output[:, a:b], scratch=scratch)
 
     run_blocks(evaluate, new_shape[1])
     return output

@@ -28,7 +28,7 @@ from noisy_student_nnunet.locks import FolderBusy, folder_lock, holder_if_held
 from noisy_student_nnunet.outputs import atomic_write_text
 from noisy_student_nnunet.written import WriteFailed
 from noisy_student_nnunet.io_checks import (InputCases, check_channels_read, group_case_files, name_unreadable_file,
-                                            num_input_channels, read_checked, reads_plain_nifti)
+                                            num_input_channels, read_images_checked)
 from noisy_student_nnunet.pseudolabel import confidence as conf
 from noisy_student_nnunet.pseudolabel import dataset as ds
 
@@ -124,10 +124,9 @@ def labeled_case_ids(labeled_dataset: str, file_ending: str) -> set[str]:
 
 
 def _read_case(files: Sequence[Path], plans_manager, num_channels: int) -> tuple[np.ndarray, dict]:
-    reader = plans_manager.image_reader_writer_class()
     try:  # a truncated .nii.gz reads "fine": its stream is checked as it is decompressed, or beside the read
-        data, properties = read_checked(files, num_channels, reader.read_images, expects="the teacher",
-                                        reads_plain_nifti=reads_plain_nifti(plans_manager.image_reader_writer_class))
+        data, properties = read_images_checked(files, num_channels, plans_manager.image_reader_writer_class,
+                                               expects="the teacher")
     except CaseError:
         raise
     except Exception as error:  # find the file that failed, to name it
