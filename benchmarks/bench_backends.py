@@ -7,8 +7,9 @@
    segmentation head scaled down, so that the label maps are one class and write as fast as a trained model's
    rather than as noise), every command under
    ``nsn profile``'s sampler: stock defaults (TTA), stock ``--disable_tta``, ours torch, ours OpenVINO cold (its
-   cache emptied first: the run converts) and warm; each also with ``NSN_CPU_BF16=0`` (the fp32 path a CPU without
-   native bf16 takes; its choice, not its speed). Speed-ups and RAM against stock in the same run.
+   cache emptied first: the run converts) and warm, all with ``--precision auto`` (fp32 on every CPU); then each
+   backend with ``--precision bf16`` (OpenVINO cold and warm), which a CPU with native bf16 runs faster. Speed-ups
+   and RAM against stock in the same run.
 2. Where the time goes, for ours with each backend (warm), in a fresh process with no worker threads so that the
    stages add up: imports, start-up (model loading, OpenVINO compilation), reading, preprocessing, network (the
    patches alone: the floor), export, writing; end to end divided by network time.
@@ -47,6 +48,11 @@ RUNS = {
     "ov": ("ours --backend openvino, warm (auto precision)", [OURS, "--backend", "openvino"], {}),
     "ov_seq": ("ours --backend openvino, warm, -npp 0 -nps 0 (no worker threads)",
                [OURS, "--backend", "openvino", "-npp", "0", "-nps", "0"], {}),
+    "torch_bf16": ("ours --backend torch --precision bf16", [OURS, "--backend", "torch", "--precision", "bf16"], {}),
+    "ov_bf16_cold": ("ours --backend openvino --precision bf16, cold (converts)",
+                     [OURS, "--backend", "openvino", "--precision", "bf16"], {}),
+    "ov_bf16": ("ours --backend openvino --precision bf16, warm", [OURS, "--backend", "openvino", "--precision", "bf16"],
+                {}),
     "torch_fp32": ("ours --backend torch, NSN_CPU_BF16=0 (fp32)", [OURS, "--backend", "torch"],
                    {"NSN_CPU_BF16": "0"}),
     "ov_fp32_cold": ("ours --backend openvino, NSN_CPU_BF16=0 (fp32), cold", [OURS, "--backend", "openvino"],
@@ -76,8 +82,10 @@ def _common_args(inputs: Path, dataset: str, model_dir: str | None = None) -> li
     return args
 
 
-def cache_for(cache: Path, extra: dict) -> Path:
-    """One OpenVINO cache folder per precision choice, so that a cold fp32 run does not empty the bf16 one."""
+def cache_for(cache: Path, head: list[str], extra: dict) -> Path:
+    """One OpenVINO cache folder per precision choice, so that a cold run of one does not empty another's."""
+    if "bf16" in head:
+        return cache / "bf16"
     return cache / ("fp32" if extra.get("NSN_CPU_BF16") == "0" else "auto")
 
 
@@ -86,7 +94,7 @@ def run_set(keys: list[str], inputs: Path, out_root: Path, env: dict, cache: Pat
     rows = []
     for key in keys:
         label, head, extra = RUNS[key]
-        extra = {**extra, "NSN_OPENVINO_CACHE": str(cache_for(cache, extra))}
+        extra = {**extra, "NSN_OPENVINO_CACHE": str(cache_for(cache, head, extra))}
         if key.endswith("_cold"):
             shutil.rmtree(extra["NSN_OPENVINO_CACHE"], ignore_errors=True)
         out = out_root / f"{tag}_{key}"
@@ -259,7 +267,8 @@ TRAINED_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "torch_fp32": (["--backend", "torch", "--precision", "fp32"], {}),
     "openvino_fp32": (["--backend", "openvino", "--precision", "fp32"], {}),
     "openvino_auto": (["--backend", "openvino"], {}),
-    "torch_auto": (["--backend", "torch"], {}),
+    "openvino_bf16": (["--backend", "openvino", "--precision", "bf16"], {}),
+    "torch_bf16": (["--backend", "torch", "--precision", "bf16"], {}),
 }
 
 
@@ -312,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     add_case_arguments(parser)
     parser.set_defaults(shape=(64, 200, 200), spacing=(2.5, 1.4, 1.4))
     parser.add_argument("--runs", nargs="+", choices=list(RUNS),
-                        default=["stock", "stock_notta", "torch", "ov_cold", "ov", "torch_fp32", "ov_fp32_cold",
-                                 "ov_fp32"])
+                        default=["stock", "stock_notta", "torch", "ov_cold", "ov", "torch_bf16", "ov_bf16_cold",
+                                 "ov_bf16"])
     parser.add_argument("--folder_runs", nargs="*", choices=list(RUNS), default=["stock_notta", "torch", "ov"],
                         help="runs on the folder of 10 mixed cases (none: skip the folder)")
     parser.add_argument("--no_stages", dest="stages", action="store_false")
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', quiet head (one class everywhere)' if args.quiet_head else ', random weights (noise label maps)'}",
           flush=True)
     rows = run_set(args.runs, case.inputs, case.root, env, cache, "one")
-    stage_env = {**env, "NSN_OPENVINO_CACHE": str(cache_for(cache, {}))}  # warm after the "ov" runs above
+    stage_env = {**env, "NSN_OPENVINO_CACHE": str(cache_for(cache, [], {}))}  # warm after the "ov" runs above
     stage_rows = stages(case.model, case.inputs, case.root, stage_env, args.stage_cases) if args.stages else []
     folder_rows = []
     if args.folder_runs:

@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--combine", choices=("logits", "softmax"), default="logits",
                         help="How folds are averaged: logits (stock) or softmax probabilities. Default: logits")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="Network precision. auto: bf16 autocast on a CPU that executes bf16 natively "
-                             "(AMX-BF16 or AVX512_BF16; NSN_CPU_BF16=0 says it does not), else fp32; on CUDA "
-                             "stock's fp16 autocast. fp32 / bf16: as named, on CPU or CUDA. Default: auto")
+                        help="Network precision. auto: fp32 on the CPU (stock's labels; the log says whether "
+                             "this CPU runs bf16 natively), stock's fp16 autocast on CUDA. bf16: faster on a CPU "
+                             "with AMX-BF16 or AVX512_BF16, labels move at organ boundaries. fp32 / bf16: as named, "
+                             "on CPU or CUDA. Default: auto")
     parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                         help="What runs the network. auto: OpenVINO on the CPU (the network is converted once and "
                              "cached in openvino_cache/ beside the model, or in $NSN_OPENVINO_CACHE), torch on "

@@ -67,8 +67,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-device", dest="device", default=None, choices=["cuda", "cpu"],
                         help="device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="network precision: auto = bf16 on a CPU with native bf16 (AMX-BF16/AVX512_BF16), "
-                             "else fp32; fp16 on CUDA (default: auto)")
+                        help="network precision: auto = fp32 on the CPU, fp16 on CUDA; bf16 is faster on a CPU "
+                             "with native bf16 (AMX-BF16/AVX512_BF16) (default: auto)")
     parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
                         help="what runs the network: auto = OpenVINO on the CPU (converted once per teacher fold and "
                              "cached beside the model or in $NSN_OPENVINO_CACHE), torch on CUDA (default: auto)")

@@ -1,12 +1,15 @@
 """Which floating-point precision the network runs in, and why (``--precision auto|fp32|bf16``).
 
-On the CPU, bf16 autocast is a gain only where the CPU executes bf16 natively (AMX-BF16 tiles or AVX512_BF16
-dot products): there it roughly halves the time per patch; elsewhere torch emulates bf16 and it is slower
-than fp32. So ``auto`` asks the CPU (torch's own checks, then the kernel's ``/proc/cpuinfo`` flags) instead of
-assuming. On CUDA, ``auto`` keeps stock nnU-Net's fp16 autocast; ``bf16`` and ``fp32`` are honoured there too.
+On the CPU, ``auto`` is fp32: stock nnU-Net's arithmetic, so the labels are stock's. bf16 roughly halves the time
+per patch where the CPU executes it natively (AMX-BF16 tiles or AVX512_BF16 dot products; elsewhere torch emulates
+it, slower than fp32, and OpenVINO runs fp32), but it moves labels at organ boundaries: against fp32, small organs
+of trained phantom models fell to Dice 0.990-0.996 (docs/benchmarks.md), below issue 20's guard of 0.997 for a
+default. So bf16 is an explicit choice, ``--precision bf16``, and ``auto`` says in the log when the CPU would run
+it natively. On CUDA, ``auto`` keeps stock nnU-Net's fp16 autocast; ``bf16`` and ``fp32`` are honoured there too.
 
 ``NSN_CPU_BF16=0`` makes the detection answer "no native bf16" (``=1``: "native bf16"), so that a test, or a
-user whose CPU misreports, can force what ``auto`` sees. An explicit ``--precision`` is never overridden.
+user whose CPU misreports, can force what the trainers' bf16 autocast and the log see. An explicit
+``--precision`` is never overridden.
 """
 
 from __future__ import annotations
@@ -113,7 +116,9 @@ def choose_precision(requested: str, device: torch.device | str) -> Precision:
         return Precision("fp32", device_type, "asked for" if requested == "fp32" else f"auto on {device_type}")
     native, why = cpu_native_bf16()
     if requested == "auto":
-        return Precision("bf16" if native else "fp32", "cpu", f"auto: {why}")
+        if native:
+            why += "; fp32 all the same, for fp32's labels (--precision bf16: faster, labels move at organ boundaries)"
+        return Precision("fp32", "cpu", f"auto: {why}")
     if requested == "bf16" and not native:
         return Precision("bf16", "cpu", f"asked for, although {why}")
     return Precision(requested, "cpu", "asked for")

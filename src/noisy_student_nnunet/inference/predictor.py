@@ -3,8 +3,8 @@
 What differs from ``nnUNetPredictor`` (everything else, including the sliding window, is inherited):
 
 - No mirroring by default (``use_mirroring=False``); fp16 autocast on CUDA is stock's.
-- ``precision='auto'``: bf16 autocast on a CPU that executes bf16 natively, fp32 on other CPUs, stock's fp16
-  autocast on CUDA (:mod:`noisy_student_nnunet.inference.precision`). Mirrored passes are summed in fp32.
+- ``precision='auto'``: fp32 on the CPU, stock's fp16 autocast on CUDA; ``'bf16'`` on request
+  (:mod:`noisy_student_nnunet.inference.precision`). Mirrored passes are summed in fp32.
 - The network gets as many CPU threads as the process has cores (stock caps it at ``nnUNet_def_n_proc``, 8):
   :mod:`noisy_student_nnunet.cpu_threads`.
 - Export: argmax at the network's resolution, then nearest-neighbour resampling of the label map
