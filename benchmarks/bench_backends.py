@@ -388,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table(trained["rows"], [("run", "run"), ("precision", "precision (as logged)"), ("cases", "cases"),
                                       ("min_dice", "min Dice over organs"), ("worst_organ", "worst organ"),
                                       ("voxels_equal", "voxels equal")]))
+        organs = list(trained["rows"][0]["dice"]) if trained["rows"] else []
+        print("\nDice per organ against torch fp32, pooled over the images:")
+        print(table([{"run": r["run"], **r["dice"]} for r in trained["rows"]],
+                    [("run", "run")] + [(organ, organ) for organ in organs]))
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     (case.root / "results_backends.json").write_text(json.dumps(
         {"machine": machine_line(), "isa": isa_line, "one": rows, "stages": stage_rows, "folder": folder_rows,
