@@ -62,7 +62,7 @@ def machine() -> str:
 #: that CPU's instruction set, not its clock, caches or memory: times are this CPU's with AVX2 kernels.
 ISA_CAPS: dict[str, dict[str, str]] = {
     "avx2": {
-        "NSN_CPU_BF16": "0",  # our precision choice: no native bf16 (trainers and ``--precision auto``)
+        "NSN_CPU_BF16": "0",  # no native bf16: the trainers' autocast (inference's ``auto`` is fp32 anyway)
         "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorized kernels
         "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN in torch (convolutions) and in OpenVINO's CPU plugin
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL in torch (GEMMs of the unfolded convolutions)
@@ -240,7 +240,7 @@ def run_profiled(label: str, command: list[str], env: dict, log: Path, timeout: 
 
 
 #: the predictions compared: stock nnUNetv2_predict and ours, by key
-PREDICT_RUNS = ("stock", "stock_notta", "ours_fp32", "ours", "ours_linear")
+PREDICT_RUNS = ("stock", "stock_notta", "ours_fp32", "ours", "ours_bf16", "ours_linear")
 
 
 def predict_commands(which: Sequence[str], inputs: Path, out_root: Path, dataset_name: str,
@@ -256,6 +256,7 @@ def predict_commands(which: Sequence[str], inputs: Path, out_root: Path, dataset
         "stock_notta": ("stock nnUNetv2_predict --disable_tta", [stock, *common, "--disable_tta"]),
         "ours_fp32": ("ours nnUNetv2_predict_lowfootprint --precision fp32", [ours, *common, "--precision", "fp32"]),
         "ours": ("ours nnUNetv2_predict_lowfootprint (defaults: nearest, --precision auto)", [ours, *common]),
+        "ours_bf16": ("ours nnUNetv2_predict_lowfootprint --precision bf16", [ours, *common, "--precision", "bf16"]),
         "ours_linear": ("ours --export linear", [ours, *common, "--export", "linear"]),
     }
     return [(key, catalogue[key][0], [*catalogue[key][1], "-o", str(out_root / f"out_{key}")]) for key in which]

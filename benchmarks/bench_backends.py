@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nsn_bench_backends"))
     add_case_arguments(parser)
     parser.set_defaults(shape=(64, 200, 200), spacing=(2.5, 1.4, 1.4))
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS),
-                        default=["stock", "stock_notta", "torch", "ov_cold", "ov", "torch_bf16", "ov_bf16_cold",
-                                 "ov_bf16"])
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None,
+                        help="default: stock stock_notta torch ov_cold ov, then torch_bf16 ov_bf16_cold ov_bf16 "
+                             "(not with --isa, whose CPU has no bf16)")
     parser.add_argument("--folder_runs", nargs="*", choices=list(RUNS), default=["stock_notta", "torch", "ov"],
                         help="runs on the folder of 10 mixed cases (none: skip the folder)")
     parser.add_argument("--no_stages", dest="stages", action="store_false")
@@ -344,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="touch this much memory once before the runs (virtual machines back fresh guest memory "
                              "slowly the first time; see _common.warm_guest_memory); 0: do not")
     args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = ["stock", "stock_notta", "torch", "ov_cold", "ov"]
+        if args.isa is None:
+            args.runs += ["torch_bf16", "ov_bf16_cold", "ov_bf16"]
     started = time.time()
     if args.isa is None:
         os.environ.pop("NSN_CPU_BF16", None)
@@ -388,10 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table(trained["rows"], [("run", "run"), ("precision", "precision (as logged)"), ("cases", "cases"),
                                       ("min_dice", "min Dice over organs"), ("worst_organ", "worst organ"),
                                       ("voxels_equal", "voxels equal")]))
-        organs = list(trained["rows"][0]["dice"]) if trained["rows"] else []
-        print("\nDice per organ against torch fp32, pooled over the images:")
-        print(table([{"run": r["run"], **r["dice"]} for r in trained["rows"]],
-                    [("run", "run")] + [(organ, organ) for organ in organs]))
+        organs = list(dict.fromkeys(organ for r in trained["rows"] for organ in r["dice"]))
+        print("\nDice per organ against torch fp32, pooled over the images (4 decimals: the guard is 0.997):")
+        print(table([{"run": r["run"], **{o: f"{r['dice'][o]:.4f}" if o in r["dice"] else "" for o in organs}}
+                     for r in trained["rows"]], [("run", "run")] + [(organ, organ) for organ in organs]))
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     (case.root / "results_backends.json").write_text(json.dumps(
         {"machine": machine_line(), "isa": isa_line, "one": rows, "stages": stage_rows, "folder": folder_rows,

@@ -1,6 +1,6 @@
 """(b) End to end on the CPU: stock ``nnUNetv2_predict`` against ``nnUNetv2_predict_lowfootprint``, one case.
 
-    python benchmarks/bench_e2e.py [--runs stock stock_notta ours_fp32 ours] [--accuracy_iterations 600]
+    python benchmarks/bench_e2e.py [--runs stock stock_notta ours ours_bf16] [--accuracy_iterations 600]
                                    [--no_breakdown] [case options: --shape, --spacing, --plans_spacing, --patch]
 
 The case is issue 12's (see ``_inference_case.py``): the half-width FLARE22 model with random weights, one
@@ -92,7 +92,7 @@ def compare(rows: list[dict], root: Path) -> None:
                 r[column] = by[ref]["wall_s"] / r["wall_s"]
         if "stock" in by:
             r["ram_ratio"] = r["peak_rss_gb"] / by["stock"]["peak_rss_gb"]
-    for ref_key, column in (("stock_notta", "equal_to_stock_notta"), ("ours_fp32", "equal_to_ours_fp32")):
+    for ref_key, column in (("stock_notta", "equal_to_stock_notta"), ("ours", "equal_to_ours")):
         if ref_key in by:
             ref = read_labels(root / f"out_{ref_key}" / "case.nii.gz")
             for r in rows:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nsn_bench_inference"))
     add_case_arguments(parser)
-    parser.add_argument("--runs", nargs="+", default=["stock", "stock_notta", "ours_fp32", "ours"],
+    parser.add_argument("--runs", nargs="+", default=["stock", "stock_notta", "ours", "ours_bf16"],
                         choices=PREDICT_RUNS)
     parser.add_argument("--accuracy_iterations", type=int, default=600,
                         help="train a small model this long for the bf16-vs-fp32 accuracy guard (0: skip)")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy_iterations > 0:
         accuracy = accuracy_guard(Path(args.workdir), args.accuracy_iterations, (64, 224, 224), (1.25, 0.7, 0.7))
         for r in rows:
-            if r["key"] == "ours":
+            if r["key"] == "ours_bf16":
                 r["dice_bf16_trained"] = accuracy["min_dice"]
     breakdown = memory_breakdown(case.model, case.root, "auto") if args.breakdown else None
     print(f"\n(b) end to end, image {case.shape} (z, y, x) at {case.spacing} mm, plans {case.plans_spacing}, network "
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("n_processes_max", "processes"),
                        ("cpu_util_pct", "CPU util. (% of all cores)"), ("cpu_time_s", "CPU time (s)"),
                        ("equal_to_stock_notta", "voxels equal to stock --disable_tta"),
-                       ("equal_to_ours_fp32", "voxels equal to ours fp32 (random weights)"),
+                       ("equal_to_ours", "voxels equal to ours, defaults (fp32; random weights)"),
                        ("dice_bf16_trained", "min Dice bf16 vs fp32, organs a trained model learned"),
                        ("load_before", "load avg. before")]))
     if accuracy is not None:

@@ -1,6 +1,6 @@
-"""``--precision``: ``auto`` runs fp32 on every CPU (stock's arithmetic and labels), saying in the log whether the
-CPU would run bf16 natively; ``--precision bf16`` is the explicit faster choice, and on a trained model its labels
-differ from fp32's only at organ boundaries (Dice >= 0.98 per learned organ).
+"""``--precision``: ``auto`` runs fp32 on every CPU (stock's arithmetic, torch fp32's labels), saying in the log
+whether the CPU would run bf16 natively; ``--precision bf16`` is the explicit faster choice, and on a trained model
+its labels differ from fp32's only at organ boundaries (Dice >= 0.98 per learned organ).
 
 Everything runs the real ``nnUNetv2_predict_lowfootprint`` console script in a subprocess on NIfTI phantoms.
 """

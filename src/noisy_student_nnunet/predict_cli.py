@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--combine", choices=("logits", "softmax"), default="logits",
                         help="How folds are averaged: logits (stock) or softmax probabilities. Default: logits")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="Network precision. auto: fp32 on the CPU (stock's labels; the log says whether "
+                        help="Network precision. auto: fp32 on the CPU (torch fp32's labels; the log says whether "
                              "this CPU runs bf16 natively), stock's fp16 autocast on CUDA. bf16: faster on a CPU "
                              "with AMX-BF16 or AVX512_BF16, labels move at organ boundaries. fp32 / bf16: as named, "
                              "on CPU or CUDA. Default: auto")

@@ -1,6 +1,6 @@
 """Which floating-point precision the network runs in, and why (``--precision auto|fp32|bf16``).
 
-On the CPU, ``auto`` is fp32: stock nnU-Net's arithmetic, so the labels are stock's. bf16 roughly halves the time
+On the CPU, ``auto`` is fp32, stock nnU-Net's arithmetic: the labels of torch fp32. bf16 roughly halves the time
 per patch where the CPU executes it natively (AMX-BF16 tiles or AVX512_BF16 dot products; elsewhere torch emulates
 it, slower than fp32, and OpenVINO runs fp32), but it moves labels at organ boundaries: against fp32, organs of
 trained phantom models fell to Dice 0.969-0.996 (docs/benchmarks.md#bf16-an-explicit-choice), below issue 20's

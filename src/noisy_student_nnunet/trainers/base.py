@@ -109,7 +109,7 @@ class RecipeTrainer(nnUNetTrainer):
 
         Stock trains in fp32 on the CPU (its fp16 autocast is CUDA-only). On AMX/AVX512-BF16 CPUs a demo
         training step (width 8, batch 4 of 16x32x32, one thread) takes 0.11 s under bf16 autocast against
-        0.17 s in fp32. ``NSN_CPU_BF16=0`` turns it off (``=1`` forces it), as for inference's ``auto``.
+        0.17 s in fp32. ``NSN_CPU_BF16=0`` turns it off (``=1`` forces it). (Inference's ``auto`` is fp32 on the CPU.)
         Decided once per trainer (it asks torch and may read /proc/cpuinfo), not on every step.
         """
         return (self.device.type == "cpu" and self.recipe[self.schedule_key]["mixed_precision"]
