@@ -39,26 +39,20 @@ import model_folders as mf  # noqa: E402  (on sys.path through _common)
 DATASET = "Dataset982_BenchBackends"
 OURS = str(BIN / "nnUNetv2_predict_lowfootprint")
 STOCK = str(BIN / "nnUNetv2_predict")
-#: key -> (label, command tail after the common arguments, extra environment)
+#: key -> (label, command tail after the common arguments); ``auto`` precision is fp32 on every CPU
 RUNS = {
-    "stock": ("stock nnUNetv2_predict (defaults, TTA)", [STOCK], {}),
-    "stock_notta": ("stock nnUNetv2_predict --disable_tta", [STOCK, "--disable_tta"], {}),
-    "torch": ("ours --backend torch (auto precision)", [OURS, "--backend", "torch"], {}),
-    "ov_cold": ("ours --backend openvino, cold (converts)", [OURS, "--backend", "openvino"], {}),
-    "ov": ("ours --backend openvino, warm (auto precision)", [OURS, "--backend", "openvino"], {}),
+    "stock": ("stock nnUNetv2_predict (defaults, TTA)", [STOCK]),
+    "stock_notta": ("stock nnUNetv2_predict --disable_tta", [STOCK, "--disable_tta"]),
+    "torch": ("ours --backend torch (auto precision)", [OURS, "--backend", "torch"]),
+    "ov_cold": ("ours --backend openvino, cold (converts)", [OURS, "--backend", "openvino"]),
+    "ov": ("ours --backend openvino, warm (auto precision)", [OURS, "--backend", "openvino"]),
     "ov_seq": ("ours --backend openvino, warm, -npp 0 -nps 0 (no worker threads)",
-               [OURS, "--backend", "openvino", "-npp", "0", "-nps", "0"], {}),
-    "torch_bf16": ("ours --backend torch --precision bf16", [OURS, "--backend", "torch", "--precision", "bf16"], {}),
+               [OURS, "--backend", "openvino", "-npp", "0", "-nps", "0"]),
+    "torch_bf16": ("ours --backend torch --precision bf16", [OURS, "--backend", "torch", "--precision", "bf16"]),
     "ov_bf16_cold": ("ours --backend openvino --precision bf16, cold (converts)",
-                     [OURS, "--backend", "openvino", "--precision", "bf16"], {}),
+                     [OURS, "--backend", "openvino", "--precision", "bf16"]),
     "ov_bf16": ("ours --backend openvino --precision bf16, warm",
-                [OURS, "--backend", "openvino", "--precision", "bf16"], {}),
-    "torch_fp32": ("ours --backend torch, NSN_CPU_BF16=0 (fp32)", [OURS, "--backend", "torch"],
-                   {"NSN_CPU_BF16": "0"}),
-    "ov_fp32_cold": ("ours --backend openvino, NSN_CPU_BF16=0 (fp32), cold", [OURS, "--backend", "openvino"],
-                     {"NSN_CPU_BF16": "0"}),
-    "ov_fp32": ("ours --backend openvino, NSN_CPU_BF16=0 (fp32), warm", [OURS, "--backend", "openvino"],
-                {"NSN_CPU_BF16": "0"}),
+                [OURS, "--backend", "openvino", "--precision", "bf16"]),
 }
 STAGES = ("imports", "start-up", "reading", "preprocessing", "network", "sliding window, other", "export",
           "writing", "other")
@@ -82,19 +76,17 @@ def _common_args(inputs: Path, dataset: str, model_dir: str | None = None) -> li
     return args
 
 
-def cache_for(cache: Path, head: list[str], extra: dict) -> Path:
+def cache_for(cache: Path, head: list[str]) -> Path:
     """One OpenVINO cache folder per precision choice, so that a cold run of one does not empty another's."""
-    if "bf16" in head:
-        return cache / "bf16"
-    return cache / ("fp32" if extra.get("NSN_CPU_BF16") == "0" else "auto")
+    return cache / ("bf16" if "bf16" in head else "auto")
 
 
 def run_set(keys: list[str], inputs: Path, out_root: Path, env: dict, cache: Path, tag: str) -> list[dict]:
     """Each run of ``keys`` under the profiler; a cold run empties its OpenVINO cache first."""
     rows = []
     for key in keys:
-        label, head, extra = RUNS[key]
-        extra = {**extra, "NSN_OPENVINO_CACHE": str(cache_for(cache, head, extra))}
+        label, head = RUNS[key]
+        extra = {"NSN_OPENVINO_CACHE": str(cache_for(cache, head))}
         if key.endswith("_cold"):
             shutil.rmtree(extra["NSN_OPENVINO_CACHE"], ignore_errors=True)
         out = out_root / f"{tag}_{key}"
@@ -361,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', quiet head (one class everywhere)' if args.quiet_head else ', random weights (noise label maps)'}",
           flush=True)
     rows = run_set(args.runs, case.inputs, case.root, env, cache, "one")
-    stage_env = {**env, "NSN_OPENVINO_CACHE": str(cache_for(cache, [], {}))}  # warm after the "ov" runs above
+    stage_env = {**env, "NSN_OPENVINO_CACHE": str(cache_for(cache, []))}  # warm after the "ov" runs above
     stage_rows = stages(case.model, case.inputs, case.root, stage_env, args.stage_cases) if args.stages else []
     folder_rows = []
     if args.folder_runs:

@@ -110,7 +110,7 @@ def argmax_rows(repeats: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     scores = (torch.randn((CLASSES, 134, 224, 229), generator=generator) * 3).half()
 
-    def numpy_running_maximum() -> np.ndarray:  # until this commit: float32 buffers, blocks of rows in threads
+    def numpy_running_maximum() -> np.ndarray:  # until 3969c90: float32 buffers, blocks of rows in threads
         s, labels = scores.numpy(), np.empty(scores.shape[1:], dtype=np.uint8)
 
         def block(a: int, b: int) -> None:
