@@ -49,22 +49,23 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
 
 
 def train_and_score_teacher(title: str, dataset_id: int, dataset: Path, recipe: dict, prefix: Path,
-                            env: dict[str, str], device: str = "cpu") -> dict:
-    """Plan ``dataset`` with ``recipe``, train teacher fold 0 (kept when done), predict and score its test phantoms.
+                            env: dict[str, str], device: str = "cpu", fold: str = "0") -> dict:
+    """Plan ``dataset`` with ``recipe``, train one teacher fold (kept when done; ``all``: every labeled case, as
+    nnU-Net's fold ``all``), predict and score its test phantoms.
 
     Writes ``PREFIX.json`` (the recipe), ``PREFIX.log`` (planning and training) and ``PREFIX/`` (predictions,
     profile); returns the evaluation summary."""
     recipe_path, log = prefix.with_name(f"{prefix.name}.json"), prefix.with_name(f"{prefix.name}.log")
     recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
-    results = Path(env["nnUNet_results"]) / dataset.name / f"{TRAINER}__{PLANS}__{CONFIGURATION}" / "fold_0"
+    results = Path(env["nnUNet_results"]) / dataset.name / f"{TRAINER}__{PLANS}__{CONFIGURATION}" / f"fold_{fold}"
     if not (results / "checkpoint_final.pth").is_file():
         with open(log, "a") as handle:
             for cmd in (["nsn", "plan", "-d", str(dataset_id), "--recipe", str(recipe_path), "--plans-name", PLANS],
-                        ["nnUNetv2_train", str(dataset_id), CONFIGURATION, "0", "-tr", TRAINER, "-p", PLANS,
+                        ["nnUNetv2_train", str(dataset_id), CONFIGURATION, fold, "-tr", TRAINER, "-p", PLANS,
                          "-device", device]):
                 if subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode != 0:
                     sys.exit(f"{title}: `{' '.join(cmd)}` failed; see {log}")
-    score = predict_and_score(DemoModel(title, TRAINER, ("0",)), dataset_id, dataset / "imagesTs",
+    score = predict_and_score(DemoModel(title, TRAINER, (fold,)), dataset_id, dataset / "imagesTs",
                               dataset / "labelsTs", dataset / "dataset.json", prefix, env, device)
     return score.summary
 

@@ -87,3 +87,28 @@ def test_welch_interval_is_scipys_and_settings_are_compared_unpaired():
     assert mean == pytest.approx(3.0) and low < 3.0 < high
     assert f"shift - iid of that difference: {mean:+.2f} [{low:+.2f}, {high:+.2f}]" in text
     assert "shift - iid" not in setting_difference(shifted[:1], iid, baseline="teacher")
+
+
+def test_endpoints_pair_settings_by_seed_and_take_the_larger_organs_apart():
+    from noisy_student_nnunet.experiment_records import LARGER_ORGANS, PRIMARY_CONTROL, endpoints, paired_by_seed
+
+    def arm(seed: int, control: float, finetuned: float, setting: str) -> dict:
+        organs = stage(finetuned)
+        organs["esophagus"] = {"DSC": finetuned + 0.13, "NSD": finetuned}  # the small organ carries 1 point
+        return {"setting": setting, "seed": seed, "stages": {PRIMARY_CONTROL: stage(control), "finetuned": organs,
+                                                             "teacher": stage(control), "student": stage(control)},
+                "unseen": {PRIMARY_CONTROL: stage(control), "finetuned": stage(control + 0.02)}}
+
+    shifted = [arm(1000, 0.60, 0.62, "shift"), arm(1001, 0.50, 0.53, "shift"), arm(1002, 0.5, 0.5, "shift")]
+    iid = [arm(1000, 0.60, 0.61, "iid"), arm(1001, 0.50, 0.50, "iid")]
+    assert len(LARGER_ORGANS) == 9 and "esophagus" not in LARGER_ORGANS
+    assert paired_differences(shifted, "finetuned", PRIMARY_CONTROL) == pytest.approx([3, 4, 1])
+    assert paired_differences(shifted, "finetuned", PRIMARY_CONTROL, subset=LARGER_ORGANS) == pytest.approx([2, 3, 0])
+    assert paired_differences(shifted, "finetuned", PRIMARY_CONTROL, test_set="unseen") == pytest.approx([2, 2, 2])
+    # seed 1002 has no iid partner: left out, not paired with another seed
+    assert paired_by_seed(shifted, iid, "finetuned", PRIMARY_CONTROL) == pytest.approx([1, 3])
+    text = endpoints(shifted, iid)
+    primary = next(line for line in text.splitlines() if line.startswith("PRIMARY"))
+    mean, low, high = t_interval([3.0, 4.0, 1.0])
+    assert primary.replace("[ ", "[").split()[-4:] == [f"{mean:+.2f}", f"[{low:+.2f},", f"{high:+.2f}]", "3"]
+    assert "paired by seed" in text and "unseen" in text and "9 larger organs" in text

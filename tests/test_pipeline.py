@@ -81,6 +81,13 @@ def test_every_stage_leaves_its_outputs(pipeline_run, phantom_dataset, nnunet_en
             folder = results / f"{trainer}__{PLANS}__3d_fullres" / f"fold_{fold}"
             assert (folder / "checkpoint_final.pth").is_file(), folder
             assert (folder / "validation" / "summary.json").is_file(), folder
+            # what the training cost: the recipe's iterations, its CPU time, the fold's labeled training cases
+            cost = json.loads((folder / "training_cost.json").read_text())
+            schedule = plans["noisy_student_recipe"]["training"]
+            assert cost["iterations"] == schedule["num_epochs"] * schedule["num_iterations_per_epoch"]
+            assert cost["cpu_minutes"] > 0 and cost["start_epoch"] == 0
+            split = json.loads((preprocessed / dataset_name / "splits_final.json").read_text())[int(fold)]
+            assert cost["training_cases"] == sorted(split["train"])
         others = {"0", "1", "2"} - set(folds)
         assert not any((results / f"{trainer}__{PLANS}__3d_fullres" / f"fold_{f}").exists() for f in others)
     # the students really trained on the pseudo-labeled dataset

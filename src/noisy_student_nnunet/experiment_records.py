@@ -25,10 +25,17 @@ from noisy_student_nnunet.outputs import atomic_write_text
 
 ORGANS = tuple(organ.name for organ in FLARE22_ORGANS)
 METRICS = ("DSC", "NSD")
-STAGES = ("teacher", "teacher_ensemble", "student", "finetuned", "teacher_as_long")
+STAGES = ("teacher", "teacher_ensemble", "student", "finetuned", "teacher_all_as_long", "teacher_as_long")
+#: the control a user without unlabeled scans would train: one teacher on every labeled case (fold ``all``), as many
+#: iterations as the student and its fine-tune together
+PRIMARY_CONTROL = "teacher_all_as_long"
 #: the paired differences the summary reports, (stage, baseline)
-COMPARISONS = (("finetuned", "teacher_as_long"), ("finetuned", "teacher"), ("finetuned", "teacher_ensemble"),
-               ("student", "teacher"))
+COMPARISONS = (("finetuned", PRIMARY_CONTROL), ("finetuned", "teacher_as_long"), ("finetuned", "teacher"),
+               ("finetuned", "teacher_ensemble"), ("student", "teacher"))
+#: the 13 organs less the four smallest (both adrenal glands, gallbladder, oesophagus), whose few voxels make
+#: their DSC swing most from seed to seed
+LARGER_ORGANS = tuple(o for o in ORGANS if o not in ("right_adrenal_gland", "left_adrenal_gland", "gallbladder",
+                                                     "esophagus"))
 
 CaseScores = dict[str, dict[str, dict[str, float | None]]]  # case -> organ -> metric -> value
 
@@ -60,9 +67,11 @@ def organ_means(scores: CaseScores, cases: Iterable[str] | None = None) -> dict[
     return means
 
 
-def overall(organs: Mapping[str, Mapping[str, float | None]], metric: str = "DSC") -> float | None:
-    """The 13-organ mean of one stage's organ means (FLARE's score: mean over organs and cases)."""
-    values = [organs[o][metric] for o in ORGANS if o in organs and organs[o][metric] is not None]
+def overall(organs: Mapping[str, Mapping[str, float | None]], metric: str = "DSC",
+            subset: Sequence[str] = ORGANS) -> float | None:
+    """The mean over ``subset`` (default the 13 organs) of one stage's organ means (FLARE's score: mean over organs
+    and cases)."""
+    values = [organs[o][metric] for o in subset if o in organs and organs[o][metric] is not None]
     return statistics.fmean(values) if values else None
 
 
@@ -109,7 +118,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0
 
 
 def setting_difference(shifted: Sequence[dict], iid: Sequence[dict], stage: str = "finetuned",
-                       baseline: str = "teacher_as_long", metric: str = "DSC") -> str:
+                       baseline: str = PRIMARY_CONTROL, metric: str = "DSC") -> str:
     """One line per setting with ``stage - baseline`` over its seeds, and the line that decides whether the cohort
     shift is what makes the difference: shift minus iid, Welch interval."""
     lines = []
@@ -126,16 +135,18 @@ def setting_difference(shifted: Sequence[dict], iid: Sequence[dict], stage: str 
 
 
 def paired_differences(records: Sequence[dict], stage: str, baseline: str, metric: str = "DSC",
-                       organ: str | None = None, cohort: str | None = None) -> list[float]:
-    """Per seed, ``stage`` minus ``baseline`` in points (x100): the 13-organ mean, or one organ; over the test
-    cases of one cohort when given. Seeds lacking either stage (or any case of the cohort) are left out."""
+                       organ: str | None = None, cohort: str | None = None, subset: Sequence[str] = ORGANS,
+                       test_set: str = "stages") -> list[float]:
+    """Per seed, ``stage`` minus ``baseline`` in points (x100): the mean over ``subset`` (the 13 organs), or one
+    organ; over the test cases of one cohort when given; ``test_set`` ``unseen`` for the unseen cohort's test cases.
+    Seeds lacking either stage (or any case of the cohort) are left out."""
     differences = []
     for record in records:
-        stages = record["stages"] if cohort is None else record.get("per_cohort", {}).get(cohort, {}).get("stages")
+        stages = record.get(test_set) if cohort is None else record.get("per_cohort", {}).get(cohort, {}).get("stages")
         if not stages or stage not in stages or baseline not in stages:
             continue
         if organ is None:
-            a, b = overall(stages[stage], metric), overall(stages[baseline], metric)
+            a, b = overall(stages[stage], metric, subset), overall(stages[baseline], metric, subset)
         else:
             a, b = stages[stage][organ][metric], stages[baseline][organ][metric]
         if a is not None and b is not None:
@@ -165,8 +176,8 @@ def comparisons_of(stages: Sequence[str]) -> list[tuple[str, str]]:
     comparisons = [c for c in COMPARISONS if c[0] in stages and c[1] in stages]
     for ablation in (s for s in stages if s not in STAGES):
         kind = ablation.split("_")[0]
-        comparisons += [(ablation, b) for b in (kind, "teacher_as_long") if b in stages and (b == kind or
-                                                                                          kind == "finetuned")]
+        comparisons += [(ablation, b) for b in (kind, PRIMARY_CONTROL, "teacher_as_long")
+                        if b in stages and (b == kind or kind == "finetuned")]
     return comparisons
 
 
@@ -249,3 +260,46 @@ def per_cohort(scores_by_stage: Mapping[str, CaseScores], case_cohorts: Mapping[
         table[cohort] = {"cases": len(cases),
                          "stages": {stage: organ_means(scores, cases) for stage, scores in scores_by_stage.items()}}
     return table
+
+
+def paired_by_seed(shifted: Sequence[dict], iid: Sequence[dict], stage: str, baseline: str,
+                   metric: str = "DSC") -> list[float]:
+    """Per seed present in both settings: (shift's ``stage - baseline``) minus (iid's), in points. The settings share
+    each seed's anatomy, so the seed pairs them."""
+    by_seed = {r["seed"]: r for r in iid}
+    values = []
+    for record in shifted:
+        other = by_seed.get(record["seed"])
+        if other is None:
+            continue
+        a, b = paired_differences([record], stage, baseline, metric), paired_differences([other], stage, baseline,
+                                                                                          metric)
+        if a and b:
+            values.append(a[0] - b[0])
+    return values
+
+
+def endpoints(shifted: Sequence[dict], iid: Sequence[dict]) -> str:
+    """The fair test's endpoints as fixed before its evaluation seeds ran: the primary (fine-tuned student minus
+    :data:`PRIMARY_CONTROL`, 13-organ mean DSC, shift) and the secondary ones (iid; shift minus iid paired by seed;
+    the 9 larger organs; NSD; the unseen cohort; student minus teacher fold 0). Per organ and per cohort: the
+    summary tables."""
+    rows = [("PRIMARY  shift  finetuned - teacher_all_as_long, DSC, 13 organs",
+             paired_differences(shifted, "finetuned", PRIMARY_CONTROL))]
+    for name, records in (("shift", shifted), ("iid", iid)):
+        if name == "iid":
+            rows.append(("iid    finetuned - teacher_all_as_long, DSC, 13 organs",
+                         paired_differences(records, "finetuned", PRIMARY_CONTROL)))
+        rows += [(f"{name:<6} finetuned - teacher_all_as_long, DSC, 9 larger organs",
+                  paired_differences(records, "finetuned", PRIMARY_CONTROL, subset=LARGER_ORGANS)),
+                 (f"{name:<6} finetuned - teacher_all_as_long, NSD, 13 organs",
+                  paired_differences(records, "finetuned", PRIMARY_CONTROL, metric="NSD")),
+                 (f"{name:<6} finetuned - teacher_all_as_long, DSC, unseen cohort",
+                  paired_differences(records, "finetuned", PRIMARY_CONTROL, test_set="unseen")),
+                 (f"{name:<6} student - teacher (fold 0), DSC, 13 organs",
+                  paired_differences(records, "student", "teacher"))]
+    rows.append(("shift - iid of finetuned - teacher_all_as_long, paired by seed",
+                 paired_by_seed(shifted, iid, "finetuned", PRIMARY_CONTROL)))
+    lines = [f"{'endpoint (points; 95 % Student t over seeds)':<68}{'mean [95 % CI]':>26}   n"]
+    lines += [f"{title:<68}{_interval_text(values):>26}   {len(values)}" for title, values in rows]
+    return "\n".join(lines)

@@ -130,6 +130,14 @@ COHORTS: dict[str, Cohort] = {c.name: c for c in (
                     LesionRule("left_kidney", ("kidney_cyst",), 0.2, (1, 1), (8.0, 25.0))),
            noise_sd=(8.0, 22.0), kernel_weights={"sharp": 0.3, "standard": 0.4, "soft": 0.3},
            hu_offset=(-20.0, 20.0), coverage_weights={"full": 0.6, "starts_in_kidneys": 0.2, "ends_in_liver": 0.2}),
+    Cohort("cirrhosis_screening",
+           "hepatology screening, in no setting's labeled or unlabeled split (an unseen cohort for testing): "
+           "shrunken cirrhotic liver, splenomegaly, small HCCs, native and late-arterial scans, thin slices, sharp "
+           "kernel, a scanner offset of its own",
+           phase_weights={"native": 0.5, "arterial": 0.5}, slice_spacing=(1.25, 2.0),
+           lesions=(LesionRule("liver", ("liver_hcc",), 0.7, (1, 2), (8.0, 25.0)),),
+           organ_changes=(("liver", 0.8, (0.7, 0.88)), ("spleen", 0.7, (1.25, 1.6))),
+           noise_sd=(14.0, 20.0), kernel_weights={"sharp": 1.0}, hu_offset=(15.0, 30.0)),
 )}
 
 #: mixes: each case's cohort drawn by weight

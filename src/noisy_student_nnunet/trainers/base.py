@@ -25,6 +25,7 @@ from noisy_student_nnunet.cpu_threads import cpu_thread_count
 from noisy_student_nnunet.inference.precision import cpu_native_bf16
 from noisy_student_nnunet.errors import NsnError
 from noisy_student_nnunet.recipe import ENV_VAR, PLANS_KEY, changed_keys, recipe_from_plans
+from noisy_student_nnunet.training_cost import CostClock, finish
 
 
 def build_optimizer(parameters, schedule: dict[str, Any]) -> torch.optim.Optimizer:
@@ -129,6 +130,18 @@ class RecipeTrainer(nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         with self._cpu_autocast():
             return super().validation_step(batch)
+
+    def on_train_start(self):
+        super().on_train_start()  # a resumed training has loaded its checkpoint (current_epoch) by now
+        self._cost_clock = CostClock.start(self.current_epoch)
+
+    def on_train_end(self):
+        """Stock's, then ``training_cost.json`` (iterations, CPU minutes, training cases) in the fold folder."""
+        super().on_train_end()  # stops the augmentation workers: their CPU time counts from here on
+        if self.local_rank == 0 and getattr(self, "_cost_clock", None) is not None:
+            training_cases, _ = self.do_split()
+            finish(self._cost_clock, type(self).__name__, self.fold, self.num_epochs, self.num_iterations_per_epoch,
+                   list(training_cases)).write(self.output_folder)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """Stock's cross-validation, predicted as our predictor predicts: without test-time mirroring.
