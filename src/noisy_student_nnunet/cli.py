@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "evaluate",
     "profile",
     "demo",
+    "submit",
 )
 
 

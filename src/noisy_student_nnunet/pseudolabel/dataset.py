@@ -227,7 +227,7 @@ def default_output_name(dataset_id: int, source_dataset: str) -> str:
     return f"Dataset{dataset_id:03d}_{short}Pseudo"
 
 
-def _next_free_id(start: int) -> int:
+def next_free_id(start: int) -> int:
     for dataset_id in range(max(1, start), 1000):
         if not datasets_with_id(dataset_id):
             return dataset_id
@@ -288,7 +288,7 @@ def open_output_dataset(requested: str | None, manifest: Mapping[str, Any]) -> O
                 if existing is not None and _settings_mismatch(existing, manifest) is None:
                     return _open(raw_dir.name, existing)
         for _ in range(20):  # another part may take the same id at the same time: retry
-            name = default_output_name(_next_free_id(source_id + 1), manifest["source_dataset"])
+            name = default_output_name(next_free_id(source_id + 1), manifest["source_dataset"])
             created = _create(name, manifest)
             if created is not None:
                 return created
