@@ -1,6 +1,6 @@
 """Pseudo-labels on a SLURM cluster: cases per hour against the number of parts, and what the finalize costs.
 
-    python benchmarks/bench_slurm_pseudolabel.py --work /tmp/bench_slurm --unlabeled 16 --parts 1 2 \\
+    python benchmarks/bench_slurm_pseudolabel.py --work /tmp/bench_slurm --unlabeled 64 --parts 1 2 4 \\
         --output docs/results/bench_slurm_pseudolabel/MACHINE/COMMIT.json
 
 Starts a one-node SLURM cluster on this machine (``tests/slurm_local.py``: root, Debian's slurm-wlm and munge),
@@ -74,11 +74,25 @@ def _times(cluster, job: str) -> list[dict]:
     return tasks
 
 
+def _finalize_seconds(env: dict, raw: Path, work: Path) -> float:
+    """Wall seconds of ``nsn pseudolabel --finalize`` run again on a finished dataset (it redoes the whole step:
+    dataset.json, the confidence table, the preprocessed cases, the plans)."""
+    from noisy_student_nnunet.cluster.chain import Chain, chain_file
+    from noisy_student_nnunet.cluster.task import pseudolabel_command
+
+    chain = Chain.read(chain_file(work))
+    started = time.monotonic()
+    done = subprocess.run([*pseudolabel_command(chain), "--finalize"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"finalize failed: {done.stderr.strip()}")
+    return round(time.monotonic() - started, 2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--unlabeled", type=int, default=16)
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--output", type=Path, help="the JSON record")
     args = parser.parse_args()
     why = slurm_local.unavailable()
@@ -113,20 +127,26 @@ def main() -> int:
             if any(t["state"] != "COMPLETED" for t in part_tasks + finalize):
                 sys.exit(f"{parts} parts: a task did not complete: {part_tasks + finalize}")
             makespan = max(t["end"] for t in finalize) - min(t["start"] for t in part_tasks)
+            # the last part finalized by itself (the finalize job found it done): time a finalize on its own
+            refinalize = _finalize_seconds(env, raw, work / f"parts{parts}")
             runs.append({"parts": parts, "cases": args.unlabeled, "part_s": [t["end"] - t["start"] for t in part_tasks],
-                         "finalize_s": finalize[0]["end"] - finalize[0]["start"], "makespan_s": makespan,
+                         "finalize_job_s": finalize[0]["end"] - finalize[0]["start"], "finalize_s": refinalize,
+                         "makespan_s": makespan,
                          "cases_per_hour": round(args.unlabeled / makespan * 3600, 1),
                          "cases_per_hour_per_part": round(args.unlabeled / parts / statistics.fmean(
                              [t["end"] - t["start"] for t in part_tasks]) * 3600, 1)})
             print(json.dumps(runs[-1]), flush=True)
     finally:
         cluster.stop()
-    # the model: part time = startup + cases_per_part x per_case (a line through the runs' mean part times)
-    xs = [r["cases"] / r["parts"] for r in runs]
-    ys = [statistics.fmean(r["part_s"]) for r in runs]
-    per_case = (ys[-1] - ys[0]) / (xs[-1] - xs[0]) if len(runs) > 1 and xs[-1] != xs[0] else ys[0] / xs[0]
-    model = {"startup_s": round(ys[0] - per_case * xs[0], 1), "per_case_s": round(per_case, 2),
-             "finalize_s": round(statistics.fmean(r["finalize_s"] for r in runs), 1)}
+    # the model: part time = startup + cases_per_part x per_case, least squares over every part of every run
+    points = [(r["cases"] / r["parts"], seconds) for r in runs for seconds in r["part_s"]]
+    if len({x for x, _ in points}) > 1:
+        slope, intercept = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+    else:
+        slope, intercept = statistics.fmean(y for _, y in points) / points[0][0], 0.0
+    model = {"startup_s": round(intercept, 1), "per_case_s": round(slope, 2),
+             "finalize_s": round(statistics.fmean(r["finalize_s"] for r in runs), 1),
+             "fit": "part seconds = startup_s + cases per part x per_case_s (least squares over all parts)"}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"benchmark": "bench_slurm_pseudolabel", "commit": commit, "machine": machine(),
               "parameters": {"unlabeled": args.unlabeled, "parts": args.parts, "cpus_per_part": 1,

@@ -46,7 +46,8 @@ def _train(chain: Chain, trainer: str, fold: str, what: str, env: dict[str, str]
           "-device", chain.device, *_resume_option(chain.results_dir(trainer) / f"fold_{fold}")], what, env)
 
 
-def _pseudolabel_args(chain: Chain) -> list[str]:
+def pseudolabel_command(chain: Chain) -> list[str]:
+    """`nsn pseudolabel` for this chain's teachers, unlabeled folder and dataset (parts and finalize add theirs)."""
     return [_tool("nsn"), "pseudolabel", "-d", chain.dataset, "-i", chain.unlabeled, "-f", *chain.teacher_folds,
             "-tr", TEACHER, "-p", chain.plans, "-c", CONFIGURATION, "--student-plans", chain.plans,
             "-device", chain.device, "-o", chain.pseudo_dataset, "--disable_progress_bar"]
@@ -80,10 +81,10 @@ def run_step(chain: Chain, step: str, index: int = 0) -> None:
         _train(chain, trainer, fold, f"{step} fold {fold}")
     elif step == "pseudolabel":
         what = f"pseudolabel part {index} of {chain.pseudo_parts}"
-        _run([*_pseudolabel_args(chain), "--num-parts", str(chain.pseudo_parts), "--part-id", str(index)], what)
+        _run([*pseudolabel_command(chain), "--num-parts", str(chain.pseudo_parts), "--part-id", str(index)], what)
     elif step == "finalize":
         if not chain.pseudo_labels_done():  # the last part to finish finalizes by itself
-            _run([*_pseudolabel_args(chain), "--finalize"], "pseudolabel finalize")
+            _run([*pseudolabel_command(chain), "--finalize"], "pseudolabel finalize")
     elif step == "finetune":
         best = _best(chain)
         source = chain.results_dir(STUDENT) / f"fold_{best}" / "checkpoint_final.pth"
