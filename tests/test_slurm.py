@@ -102,6 +102,8 @@ def test_dry_run_prints_the_job_graph_of_the_flare22_recipe(world, tmp_path):
                            "--time", "12:00:00", "--mem", "32G", "--sbatch-arg=--account=lab", "-w", str(tmp_path),
                            "--dry-run"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    print(f"$ nsn submit -d {DATASET_ID} -u ... -r flare22 --parts 16 --partition gpu --time 12:00:00 --mem 32G "
+          f"--sbatch-arg=--account=lab --dry-run\n{done.stdout}")
     lines = done.stdout.splitlines()
     assert [line.split("=", 1)[0] for line in lines] == ["plan", "teachers", "pseudolabel", "finalize", "students",
                                                          "finetune", "predict", "evaluate"][:len(lines)]
