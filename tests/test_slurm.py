@@ -39,7 +39,7 @@ def _cluster_or_skip(folder: Path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A cluster, nnU-Net folders of their own and a phantom dataset (8 labeled, 6 unlabeled, 2 test)."""
+    """A cluster, nnU-Net folders of their own and a phantom dataset (8 labeled, 12 unlabeled, 2 test)."""
     root = tmp_path_factory.mktemp("slurm")
     cluster = _cluster_or_skip(root / "cluster")
     folders = {var: root / var for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
@@ -48,7 +48,7 @@ def world(tmp_path_factory):
     env = subprocess_env({**{k: str(v) for k, v in folders.items()}, **cluster.env, "nnUNet_n_proc_DA": "0",
                           "nnUNet_compile": "0", "nnUNet_def_n_proc": "1", "NSN_NUM_THREADS": "1"})
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    subprocess.run([console_script("nsn"), "phantoms", "-d", str(DATASET_ID), "--name", "Slurm", "-n", "8", "-u", "6",
+    subprocess.run([console_script("nsn"), "phantoms", "-d", str(DATASET_ID), "--name", "Slurm", "-n", "8", "-u", "12",
                     "-t", "2", "--slices", "16", "20", "--inplane-voxels", "48", "56"], env=env, check=True,
                    capture_output=True)
     yield cluster, env, folders["nnUNet_raw"] / f"Dataset{DATASET_ID}_Slurm", root
@@ -121,10 +121,14 @@ def test_dry_run_prints_the_job_graph_of_the_flare22_recipe(world, tmp_path):
 def test_the_chain_runs_on_slurm_names_a_corrupt_scan_and_resumes_after_scancel(world):
     cluster, env, raw, root = world
     unlabeled = root / "unlabeled"
-    shutil.copytree(raw / "imagesUnlabeled", unlabeled)
-    corrupt = sorted(unlabeled.glob("*_0000.nii.gz"))[1]  # part 1 of 2 (cases[1::2])
+    unlabeled.mkdir()
+    scans = sorted((raw / "imagesUnlabeled").glob("*_0000.nii.gz"))
+    for scan in scans[:4]:  # the first submission sees 4 scans; the other 8 arrive before the second
+        shutil.copy(scan, unlabeled)
+    corrupt = unlabeled / scans[1].name  # part 1 of 2 (cases[1::2])
     corrupt.write_bytes(corrupt.read_bytes()[:2000])
     work = root / "work"
+    labels = Path(env["nnUNet_raw"]) / PSEUDO / "labelsTr"
 
     # 1. a corrupt unlabeled scan: its part fails and names it, the other part finishes, nothing after runs
     first = job_ids(submit(env, raw, unlabeled, work))
@@ -143,19 +147,23 @@ def test_the_chain_runs_on_slurm_names_a_corrupt_scan_and_resumes_after_scancel(
     for step in ("finalize", "students", "finetune", "evaluate"):
         assert set(states(cluster, first[step]).values()) <= {"CANCELLED"}, (step, states(cluster, first[step]))
 
-    # 2. the scan removed, a rerun submits only what is incomplete; a running pseudo-label part is cancelled
-    corrupt.unlink()
+    # 2. the scan mended and 8 more: a rerun submits only what is incomplete; the parts are cancelled mid-way
+    for scan in scans[1:]:
+        shutil.copy(scan, unlabeled)
+    labeled_before = len(list(labels.glob("*.nii.gz")))
     second = job_ids(submit(env, raw, unlabeled, work))
     assert "plan" not in second and "teachers" not in second and "pseudolabel" in second
-    deadline = time.monotonic() + 300
-    while "RUNNING" not in cluster.command("squeue", "-h", "-j", second["pseudolabel"], "-o", "%T"):
+    deadline = time.monotonic() + 600
+    while len(list(labels.glob("*.nii.gz"))) <= labeled_before:  # the first new case is written
         assert time.monotonic() < deadline, cluster.command("squeue")
-        time.sleep(0.5)
+        time.sleep(0.2)
     cluster.command("scancel", second["pseudolabel"])
-    print(f"$ scancel {second['pseudolabel']}  (while running)")
+    print(f"$ scancel {second['pseudolabel']}  (after {len(list(labels.glob('*.nii.gz')))} of {len(scans)} "
+          f"cases were pseudo-labeled)")
     wait_idle(cluster)
-    report(cluster, "2. rerun without the scan, a running pseudo-label part cancelled", second)
+    report(cluster, "2. the scan mended, 8 more, the pseudo-label parts cancelled while running", second)
     assert "CANCELLED" in set(states(cluster, second["pseudolabel"]).values())
+    assert len(list(labels.glob("*.nii.gz"))) < len(scans)
     assert not (work / "evaluation_summary.json").exists()
 
     # 3. a rerun completes the chain, every unlabeled case pseudo-labeled once
@@ -166,9 +174,12 @@ def test_the_chain_runs_on_slurm_names_a_corrupt_scan_and_resumes_after_scancel(
     print((work / "logs" / "evaluate.log").read_text())
     for step, job in third.items():
         assert set(states(cluster, job).values()) == {"COMPLETED"}, (step, states(cluster, job))
-    labels = sorted(p.name for p in (Path(env["nnUNet_raw"]) / PSEUDO / "labelsTr").glob("*.nii.gz"))
-    expected = sorted(p.name.replace("_0000.nii.gz", ".nii.gz") for p in unlabeled.glob("*_0000.nii.gz"))
-    assert labels == expected
+    # every unlabeled case once in the student's dataset: its labels and its preprocessed cases
+    expected = sorted(p.name.replace("_0000.nii.gz", "") for p in unlabeled.glob("*_0000.nii.gz"))
+    assert len(expected) == len(scans)
+    assert sorted(p.name[: -len(".nii.gz")] for p in labels.glob("*.nii.gz")) == expected
+    dataset_json = json.loads((labels.parent / "dataset.json").read_text())
+    assert dataset_json["numTraining"] == len(expected)
     summary = json.loads((work / "evaluation_summary.json").read_text())
     assert len(summary["per_structure"]) == 13 and 0 <= summary["overall"]["DSC"]["mean"] <= 1
     assert json.loads((work / "slurm" / "chain.json").read_text())["pseudo_dataset"] == PSEUDO
