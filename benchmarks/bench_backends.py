@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BIN, ISA_CAPS, apply_isa_cap, dice_per_class, machine, nnunet_env, read_labels, run_profiled, run_worker, table, \
-    warm_guest_memory
+from _common import (BIN, ISA_CAPS, apply_isa_cap, dice_per_class, machine, nnunet_env, read_labels, run_profiled,
+                     run_worker, table, warm_guest_memory)
 from _inference_case import add_case_arguments, half_width_case
 
 import model_folders as mf  # noqa: E402  (on sys.path through _common)

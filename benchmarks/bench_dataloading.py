@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine()}")
     print(f"# student minibatch: {composition}")
     print()
-    print(f"| trainer | batches/s | rounds' quartiles | ms/batch | vs NoisyStudentFinetuneTrainer | vs nnUNetTrainer |")
+    print("| trainer | batches/s | rounds' quartiles | ms/batch | vs NoisyStudentFinetuneTrainer | vs nnUNetTrainer |")
     print("|---|---|---|---|---|---|")
     for name in TRAINERS:
         low, high = quartiles[name]

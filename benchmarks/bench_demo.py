@@ -64,7 +64,8 @@ def stage_minutes(pipeline_log: Path, demo_seconds: float, pipeline_offset_s: fl
 def target_check(results: dict) -> tuple[list[dict], bool]:
     """The fine-tuned student's DSC on the target organs and the mean; whether every target holds."""
     fine_tuned = next(v for k, v in results["stages"].items() if k.startswith("fine-tuned"))
-    rows = [{"organ": organ, "DSC": fine_tuned["organs"][organ]["DSC"], "target": TARGET_DSC} for organ in TARGET_ORGANS]
+    rows = [{"organ": organ, "DSC": fine_tuned["organs"][organ]["DSC"], "target": TARGET_DSC}
+            for organ in TARGET_ORGANS]
     rows.append({"organ": "mean (13)", "DSC": fine_tuned["mean"]["DSC"], "target": TARGET_MEAN})
     for row in rows:
         row["met"] = "yes" if row["DSC"] >= row["target"] else "NO"
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.workdir)
     args.workdir.mkdir(parents=True, exist_ok=True)
     command = [str(BIN / "nsn"), "demo", "-w", str(args.workdir), "--seed", str(args.seed), "--setting",
-               args.setting, "--device", "cpu", *(["--minutes", f"{args.minutes:g}"] if args.minutes is not None else [])]
+               args.setting, "--device", "cpu",
+               *(["--minutes", f"{args.minutes:g}"] if args.minutes is not None else [])]
     started = time.time()
     with open(args.workdir / "bench_demo.log", "w") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = stage_minutes(pipeline_log, seconds, max(0.0, offset.total_seconds()))
     results = json.loads((args.workdir / "demo_results.json").read_text())
     targets, met = target_check(results)
-    print(f"\nMachine: {machine()}\n{isa_line}\nCommand: python benchmarks/bench_demo.py {' '.join(argv or sys.argv[1:])}")
+    print(f"\nMachine: {machine()}\n{isa_line}\n"
+          f"Command: python benchmarks/bench_demo.py {' '.join(argv or sys.argv[1:])}")
     recipe_line = next((line.strip() for line in (args.workdir / "bench_demo.log").read_text().splitlines()
                         if line.startswith("[2/4]")), "?")
     print(f"\n`{' '.join(command[1:])}`: {recipe_line}\n\nstage by stage:")
@@ -110,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfine-tuned student against the demo's targets: {'all met' if met else 'NOT all met'}")
     print(table(targets, [("organ", "organ"), ("DSC", "DSC"), ("target", "target"), ("met", "met")]))
     (args.workdir / "bench_demo.json").write_text(json.dumps(
-        {"machine": machine(), "isa": isa_line, "command": command, "recipe": recipe_line, "stages": stages, "targets": targets,
-         "targets_met": met}, indent=1))
+        {"machine": machine(), "isa": isa_line, "command": command, "recipe": recipe_line, "stages": stages,
+         "targets": targets, "targets_met": met}, indent=1))
     return 0
 
 

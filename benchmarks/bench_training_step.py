@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import defaultdict
 
 from _common import ISA_CAPS, apply_isa_cap, machine
@@ -71,7 +70,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--loss", choices=["nnunet", "mean"], default="nnunet")
     parser.add_argument("--isa", choices=list(ISA_CAPS), default=None,
-                        help="cap every library's kernels at this instruction set (the fp32 row is what such a CPU runs)")
+                        help="cap every library's kernels at this instruction set "
+                             "(the fp32 row is what such a CPU runs)")
     parser.add_argument("--profile", action="store_true", help="where an fp32 step's CPU time goes")
     args = parser.parse_args()
     if args.isa and any(os.environ.get(k) != v for k, v in ISA_CAPS[args.isa].items()):
@@ -87,7 +87,7 @@ def main() -> None:
     batch = torch.randn(recipe["network"]["batch_size"], 1, *patch)
     print(f"machine: {machine()}\n{isa_line}\nrecipe {recipe['name']}: batch {batch.shape[0]} x {list(patch)}, "
           f"loss {args.loss}; command: python benchmarks/bench_training_step.py {' '.join(sys.argv[1:])}")
-    print(f"\n| threads | fp32 s/step | bf16 s/step | bf16 speed-up |\n|---|---|---|---|")
+    print("\n| threads | fp32 s/step | bf16 s/step | bf16 speed-up |\n|---|---|---|---|")
     for threads in args.threads:
         torch.set_num_threads(threads)
         fp32 = seconds_per_step(make_training_step(network, batch, False, args.loss), args.steps)

@@ -1,9 +1,10 @@
 """Hand-built nnU-Net v2 model folders and CT-like images for tests and benchmarks (no training).
 
-A model folder is what ``nnUNetv2_train`` leaves behind and what ``nnUNetPredictor.initialize_from_trained_model_folder``
-reads: ``plans.json``, ``dataset.json`` and ``fold_X/checkpoint_final.pth`` holding ``network_weights``,
-``trainer_name``, ``init_args['configuration']`` and ``inference_allowed_mirroring_axes``. Weights are random
-(seeded); that is enough to compare predictors on identical logits and to measure time and memory.
+A model folder is what ``nnUNetv2_train`` leaves behind and what
+``nnUNetPredictor.initialize_from_trained_model_folder`` reads: ``plans.json``, ``dataset.json`` and
+``fold_X/checkpoint_final.pth`` holding ``network_weights``, ``trainer_name``, ``init_args['configuration']`` and
+``inference_allowed_mirroring_axes``. Weights are random (seeded); that is enough to compare predictors on identical
+logits and to measure time and memory.
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ def train_phantom_model(
     batch_size: int = 2,
     seed: int = 0,
     log: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """A model folder (fold 0) whose network was really trained, briefly, on phantom CTs: for checks that need
     a trained model's confident logits (random weights give near-ties everywhere) without nnU-Net's trainer.
@@ -228,7 +230,8 @@ def train_phantom_model(
     The phantoms are drawn at the plans' spacing and normalised as nnU-Net's CTNormalization does with the plans'
     intensity properties, so what the network sees at inference (any image spacing, our or stock's
     preprocessing) is what it was trained on. Loss: cross-entropy + soft Dice, Adam; random crops of the plans'
-    patch size. About 0.2 s per iteration on 2 cores with :func:`tiny_architecture` ``(8, 16, 32, 64)``.
+    patch size. About 0.2 s per iteration on 2 cores with :func:`tiny_architecture` ``(8, 16, 32, 64)``. ``device``:
+    where the network trains ("cuda": seconds instead of a minute); the checkpoint holds CPU tensors either way.
     """
     import torch
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
@@ -252,12 +255,12 @@ def train_phantom_model(
     images, labels = [], []
     for case in range(num_cases):
         phantom = make_phantom(seed * 1000 + case, case_shape, cm.spacing)
-        images.append(torch.from_numpy(normaliser.run(phantom.image.astype(np.float32))))
-        labels.append(torch.from_numpy(phantom.label.astype(np.int64)))
+        images.append(torch.from_numpy(normaliser.run(phantom.image.astype(np.float32))).to(device))
+        labels.append(torch.from_numpy(phantom.label.astype(np.int64)).to(device))
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    network = nnUNetTrainer.build_network_architecture(pm, cm, 1, n_classes, enable_deep_supervision=False)
+    network = nnUNetTrainer.build_network_architecture(pm, cm, 1, n_classes, enable_deep_supervision=False).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=iterations, pct_start=0.1)
     patch = [int(p) for p in cm.patch_size]
@@ -285,7 +288,7 @@ def train_phantom_model(
             print(f"iteration {it}: loss {loss.item():.3f}, mean foreground Dice {dice[1:].mean().item():.3f}",
                   flush=True)
     network.eval()
-    write_checkpoint(folder, 0, network.state_dict(), plans, dataset_json)
+    write_checkpoint(folder, 0, {k: v.cpu() for k, v in network.state_dict().items()}, plans, dataset_json)
     return folder
 
 

@@ -1,6 +1,6 @@
 """The built batchgeneratorsv2 pipelines carry the paper's Tables 4 and 5 value by value.
 
-The expected values below are typed in from the paper (../shared/paper.md, Tables 4 and 5), not read
+The expected values below are typed in from the paper (Koehler et al., Tables 4 and 5), not read
 from the bundled recipes, so a wrong recipe value fails here.
 """
 

@@ -1,4 +1,4 @@
-"""Bad input never gives a wrong score, a traceback or a lost run (issue 13; docs/errors.md).
+"""Bad input never gives a wrong score, a traceback or a lost run (docs/errors.md).
 
 Every test is one finding of the issue, run with the real console scripts on real NIfTI files. The model is a
 hand-built random-weight nnU-Net model folder (tests/model_folders.py, no training): bad input is about files

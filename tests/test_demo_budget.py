@@ -1,4 +1,4 @@
-"""The demo's budget: a measured training step sizes its epochs (issue 20 item 6)."""
+"""The demo's budget: a measured training step sizes its epochs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """FLARE22 DSC/NSD on hand-built cases, each special rule checked against an independent computation.
 
-The reference computation below is written from the rules in ../shared/notes/flare-evaluation.md
+The reference computation below is written from the rules in docs/flare-evaluation.md
 (tolerances typed in here, spacing given, not read back); like the official FLARE script it calls
 DeepMind's surface_distance directly. It never calls noisy_student_nnunet.evaluation.
 """
@@ -166,7 +166,8 @@ def test_each_rule_matches_independent_computation(folders):
 def test_folder_csv_summary_missing_and_parallel(folders, tmp_path, capsys):
     gt_dir, pred_dir, gt, seg, missing = folders
     csv_path, summary_path = tmp_path / "out" / "results.csv", tmp_path / "summary.json"
-    code = main(["evaluate", str(gt_dir), str(pred_dir), "-o", str(csv_path), "--summary", str(summary_path), "-np", "2"])
+    code = main(["evaluate", str(gt_dir), str(pred_dir), "-o", str(csv_path), "--summary", str(summary_path),
+                 "-np", "2"])
     assert code == 0
     captured = capsys.readouterr()
     assert "case_missing.nii.gz" in captured.err and "case_extra.nii.gz" in captured.err

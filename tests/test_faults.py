@@ -1,10 +1,11 @@
-"""Faults of the machine never leave a wrong file that looks right (issue 22; docs/errors.md "Machine faults").
+"""Faults of the machine never leave a wrong file that looks right (docs/errors.md "Machine faults").
 
 A full disk (a small tmpfs), damaged or incompatible model files, and two runs on one folder, run with the real
 console scripts on real NIfTI files (the variants of a damaged model also through the predictor class in this
-process: one subprocess shows the one-line error, the others save its 5 s start-up each). The model is a hand-built random-weight model folder
-(tests/model_folders.py, no training): these faults are about files, not about what the network predicts.
-The kill-and-rerun test of the whole chain is in test_pipeline.py (it reuses that module's pipeline run).
+process: one subprocess shows the one-line error, the others save its 5 s start-up each). The model is a hand-built
+random-weight model folder (tests/model_folders.py, no training): these faults are about files, not about what the
+network predicts. The kill-and-rerun test of the whole chain is in test_pipeline.py (it reuses that module's pipeline
+run).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The prediction process imports neither torch._dynamo nor every nnU-Net trainer (issue 20, RAM and start-up).
+"""The prediction process imports neither torch._dynamo nor every nnU-Net trainer (RAM and start-up).
 
 Stock's predictor module imports ``torch._dynamo`` (158 MB, 2.7 s with triton and sympy) and its model loading
 imports every trainer module to find one class (198 MB, 3.3 s). :mod:`noisy_student_nnunet.inference.lazy_dynamo`

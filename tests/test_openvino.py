@@ -1,4 +1,4 @@
-"""``--backend openvino`` (issue 20): the network converted once, cached beside the model, rebuilt when damaged.
+"""``--backend openvino``: the network converted once, cached beside the model, rebuilt when damaged.
 
 The labels are checked against torch on a real NIfTI file through the real console script; the cache's rules
 (damaged, stale, where it goes) with :class:`OpenVinoRunner` on a tiny network, each a real conversion.

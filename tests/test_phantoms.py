@@ -256,7 +256,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Cohorts: pathology and acquisition (issue 19)
+# Cohorts: pathology and acquisition
 
 from dataclasses import replace  # noqa: E402
 

@@ -178,7 +178,7 @@ def test_bad_arguments_are_one_line_errors(nnunet_env, tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "-j must be a positive integer" in done.stderr
 
 
-# --- SIGKILL at a random point of every stage, rerun with the same command (issue 22, item 3) ----------------
+# --- SIGKILL at a random point of every stage, rerun with the same command ----------------
 
 KILLED_PLANS = "nnUNetLowFootprintPlansKilled"
 KILLED_PSEUDO = f"Dataset{PIPELINE_KILLED_PSEUDO_ID:03d}_KilledPseudo"

@@ -74,8 +74,8 @@ def test_detection_reads_this_cpu(monkeypatch):
 
 
 def test_auto_chooses_fp32_on_a_cpu_without_bf16(random_model, tmp_path, monkeypatch):
-    """The Must-show of issue 12: NSN_CPU_BF16=0 stands for a CPU without native bf16; auto then runs fp32 and says
-    why, giving exactly ``--precision fp32``'s labels. Since issue 20's label guard, auto runs fp32 on a CPU with
+    """NSN_CPU_BF16=0 stands for a CPU without native bf16; auto then runs fp32 and says
+    why, giving exactly ``--precision fp32``'s labels. Under the label guard, auto runs fp32 on a CPU with
     native bf16 too (NSN_CPU_BF16=1): the same labels, and the log names ``--precision bf16`` as the faster choice.
     OpenVINO (the CPU default) runs bf16 only where the CPU has it: elsewhere it runs f32 and the log says so;
     torch emulates bf16 on every CPU."""
@@ -156,7 +156,7 @@ TRAIN_ITERATIONS = 400
 
 
 def test_bf16_labels_match_fp32_on_a_trained_model(trained_model, tmp_path):
-    """Reference: torch fp32. The defaults (OpenVINO, fp32) hold Dice >= 0.997 per learned organ (issue 20's
+    """Reference: torch fp32. The defaults (OpenVINO, fp32) hold Dice >= 0.997 per learned organ (the
     guard). bf16 (OpenVINO, the default backend, with ``--precision bf16``) only moves
     boundaries: every voxel it labels otherwise lies within one network voxel (2 image voxels here) of a boundary of
     the fp32 map, and each learned organ keeps Dice >= 0.98. On the demo model bf16 misses 0.997 on the smallest

@@ -39,7 +39,8 @@ CHILD = textwrap.dedent(
     if role == "parent":
         grandchild.wait()
     with open(report, "w") as handle:
-        json.dump({{"baseline_rss_mb": baseline / 2**20, "cpu_time_s": time.process_time(), "end": time.time()}}, handle)
+        json.dump({{"baseline_rss_mb": baseline / 2**20, "cpu_time_s": time.process_time(), "end": time.time()}},
+                  handle)
     """
 )
 
@@ -101,7 +102,8 @@ def test_exit_code_passes_through_and_json_is_written(tmp_path, capsys):
     assert plot.exists()
     assert "wall time" in capsys.readouterr().err
     # killed by a signal: 128 + N, as a shell reports it
-    killed = profile_command([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], gpu=False)
+    killed = profile_command([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                             gpu=False)
     assert killed.exit_code == 128 + signal.SIGKILL
     # a command that does not exist is a one-line error
     assert main(["profile", "--", str(tmp_path / "no-such-program")]) == 2
@@ -196,8 +198,8 @@ def test_ctrl_c_ends_the_whole_child_tree(tmp_path):
     script, pid_file, out = tmp_path / "tree.py", tmp_path / "pid", tmp_path / "prof.json"
     script.write_text(TREE)
     profiler = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from noisy_student_nnunet.cli import main; sys.exit(main())", "profile", "-o", str(out), "--no-gpu",
-         "--", sys.executable, str(script), str(pid_file)],
+        [sys.executable, "-c", "import sys; from noisy_student_nnunet.cli import main; sys.exit(main())",
+         "profile", "-o", str(out), "--no-gpu", "--", sys.executable, str(script), str(pid_file)],
         stderr=subprocess.PIPE,
     )
     try:

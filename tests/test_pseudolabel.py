@@ -204,7 +204,6 @@ def _assert_same_outputs(a: dict, b: dict) -> None:
 def test_pseudolabels_are_argmax_of_mean_softmax_not_mean_logits(world, reference):
     """Independent computation with stock nnU-Net, one fold at a time; the case differs between logit and
     softmax averaging, and the pseudo-label (stored preprocessed seg and exported label file) is the softmax one."""
-    import SimpleITK as sitk
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
@@ -272,7 +271,8 @@ def test_direct_path_equals_stock_preprocessing(world, reference):
             for key in s_prop["class_locations"]:
                 assert np.array_equal(np.asarray(d_prop["class_locations"][key]),
                                       np.asarray(s_prop["class_locations"][key])), key
-            for key in ("bbox_used_for_cropping", "shape_before_cropping", "shape_after_cropping_and_before_resampling"):
+            for key in ("bbox_used_for_cropping", "shape_before_cropping",
+                        "shape_after_cropping_and_before_resampling"):
                 assert np.array_equal(np.asarray(d_prop[key]), np.asarray(s_prop[key]))
 
 

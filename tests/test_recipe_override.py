@@ -1,7 +1,7 @@
 """A recipe override names only what it changes: after ``nsn pseudolabel``, stock ``nnUNetv2_train -tr
 NoisyStudentTrainer`` with ``NSN_RECIPE`` holding only the epochs trains on the recorded pseudo-labels.
 
-Issue 21 found the opposite: ``NSN_RECIPE`` replaced the whole planned recipe, so an override file of one key
+The failure this guards against: ``NSN_RECIPE`` replacing the whole planned recipe, so an override file of one key
 failed at once (``missing recipe key 'description'``) and a whole recipe written before ``nsn pseudolabel``
 lost ``student.pseudo_dataset``. The chain here is the user's: the session's teacher (trained by stock
 ``nnUNetv2_train``), ``nsn pseudolabel`` on the phantoms' unlabeled images, then the student. It uses a plans

@@ -1,4 +1,4 @@
-"""Issue 2: stock nnU-Net finds our trainers through its own discovery, in a clean environment."""
+"""Stock nnU-Net finds our trainers through its own discovery, in a clean environment."""
 
 from __future__ import annotations
 

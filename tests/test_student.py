@@ -365,7 +365,8 @@ def test_pseudo_dataset_errors_name_the_problem(nnunet_dirs, monkeypatch, break_
 # --- the trainer on phantoms ------------------------------------------------------------------------------
 
 TRAINER = "NoisyStudentTrainer"
-PSEUDO_ID = STUDENT_PSEUDO_ID  # a second phantom dataset named "Phantoms" too: its case identifiers equal the labeled ones
+# a second phantom dataset named "Phantoms" too: its case identifiers equal the labeled ones
+PSEUDO_ID = STUDENT_PSEUDO_ID
 
 #: paper, Table 5 (rotation/scaling p_sample 0.2: stock nnU-Net's, the tables give none)
 TABLE_5 = {

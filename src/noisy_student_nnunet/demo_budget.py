@@ -2,12 +2,12 @@
 
 ``nsn demo`` aims at its table within 20 minutes on 2 cores. Its training (two teacher folds side by side, the
 student, the fine-tune) is most of that time, and a CPU without native bf16 trains in fp32 (a demo step: 0.27 s on
-an AVX2-only EPYC, against 0.10 s in bf16 on an EPYC with AVX512-BF16). So the demo times a training step of its recipe's network on this CPU
-first (:func:`~noisy_student_nnunet.step_time.measure_training_step`, a few seconds), projects its own minutes
-from it, and where they exceed the budget trains the same recipe with every schedule's epochs scaled down (the
-poly learning-rate schedule follows the epochs). It never goes below :data:`MIN_SCALE`, the smallest share whose
-fine-tuned student was checked against the demo's targets (docs/experiments.md, "Time by machine"). The
-projection is calibrated on measured demos (:data:`CALIBRATIONS`).
+an AVX2-only EPYC, against 0.10 s in bf16 on an EPYC with AVX512-BF16). So the demo times a training step of its
+recipe's network on this CPU first (:func:`~noisy_student_nnunet.step_time.measure_training_step`, a few seconds),
+projects its own minutes from it, and where they exceed the budget trains the same recipe with every schedule's
+epochs scaled down (the poly learning-rate schedule follows the epochs). It never goes below :data:`MIN_SCALE`, the
+smallest share whose fine-tuned student was checked against the demo's targets (docs/experiments.md, "Time by
+machine"). The projection is calibrated on measured demos (:data:`CALIBRATIONS`).
 """
 
 from __future__ import annotations

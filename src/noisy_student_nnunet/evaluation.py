@@ -1,7 +1,7 @@
 """FLARE22 accuracy metrics: DSC and NSD per case and organ, exactly as the challenge scores them.
 
-The rules follow the official FLARE22 evaluation script (JunMa11/FLARE, FLARE22_DSC_NSD_Eval.py) and
-../shared/notes/flare-evaluation.md, so that users can trust these numbers instead of the official code:
+The rules follow the official FLARE22 evaluation script (JunMa11/FLARE, FLARE22_DSC_NSD_Eval.py), as
+docs/flare-evaluation.md sets them out, so that users can trust these numbers instead of the official code:
 
 - labels read as uint8, spacing from the reference's NIfTI header (nibabel ``get_zooms()``);
 - reference and prediction both empty: DSC = NSD = 1; exactly one empty: DSC = NSD = 0;
@@ -414,8 +414,10 @@ class EvaluationResult:
         lines = [f"{'Structure':<{width}}  {'tol mm':>6}  {'DSC':>15}  {'NSD':>15}"]
         for spec in self.specs:
             entry = summary["per_structure"][spec.column]
-            lines.append(f"{spec.column:<{width}}  {spec.nsd_tolerance_mm:>6g}  {fmt(entry['DSC'])}  {fmt(entry['NSD'])}")
-        lines.append(f"{'Overall':<{width}}  {'':>6}  {fmt(summary['overall']['DSC'])}  {fmt(summary['overall']['NSD'])}")
+            lines.append(f"{spec.column:<{width}}  {spec.nsd_tolerance_mm:>6g}  "
+                         f"{fmt(entry['DSC'])}  {fmt(entry['NSD'])}")
+        lines.append(f"{'Overall':<{width}}  {'':>6}  "
+                     f"{fmt(summary['overall']['DSC'])}  {fmt(summary['overall']['NSD'])}")
         return "\n".join(lines)
 
 

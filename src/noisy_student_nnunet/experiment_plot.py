@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from noisy_student_nnunet.experiment_records import (ORGANS, PRIMARY_CONTROL, comparisons_of, paired_differences, stages_of,
-                                                     t_interval)
+from noisy_student_nnunet.experiment_records import (ORGANS, PRIMARY_CONTROL, comparisons_of, paired_differences,
+                                                     stages_of, t_interval)
 from noisy_student_nnunet.outputs import atomic_file
 
 def headline(records: Sequence[dict]) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """FLARE22 label conventions shared by phantoms, evaluation and the demo.
 
 Label order, CSV column prefixes and NSD tolerances (mm) follow the challenge's evaluation code
-(see ../shared/notes/flare-evaluation.md).
+(see docs/flare-evaluation.md).
 """
 
 from __future__ import annotations

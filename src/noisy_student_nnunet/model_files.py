@@ -54,7 +54,8 @@ def weights_mismatch(network_state: Mapping[str, Any], weights: Mapping[str, Any
         return f"'{sorted(theirs - own)[0]}' is not in the network the plans build"
     for key, value in weights.items():
         if tuple(value.shape) != tuple(network_state[key].shape):
-            return f"'{key}' has shape {tuple(value.shape)}, the network the plans build {tuple(network_state[key].shape)}"
+            return (f"'{key}' has shape {tuple(value.shape)}, "
+                    f"the network the plans build {tuple(network_state[key].shape)}")
     return None
 
 

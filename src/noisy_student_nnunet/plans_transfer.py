@@ -93,7 +93,8 @@ def preprocess_with_plans(source_dataset: str | int, target_dataset: str | int, 
     (so the source's spacing and intensity normalisation, not the target's own fingerprint; no fingerprint
     is extracted), its raw dataset.json is copied next to them, and nnU-Net's preprocessor runs. The plans
     file is written under its final name only after preprocessing finished, so an interrupted run is seen
-    as "not preprocessed" by the student's :func:`~noisy_student_nnunet.trainers.pseudo_source.locate_pseudo_dataset`. Returns ``$nnUNet_preprocessed/<target>``.
+    as "not preprocessed" by the student's :func:`~noisy_student_nnunet.trainers.pseudo_source.locate_pseudo_dataset`.
+    Returns ``$nnUNet_preprocessed/<target>``.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id

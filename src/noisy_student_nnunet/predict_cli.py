@@ -48,7 +48,7 @@ def default_preprocessing_workers(stock_default: int = 3) -> int:
 
     Each worker preprocesses one case ahead while the network runs, holding that case's resampling buffers (its
     float32 image and padded float64 copy: 0.73 GB for a 523x433x269 CT); on 2 cores one worker already keeps the
-    network fed (measured with -npp 0, 1 and 3: see the issue 20 note of 2026-12-06)."""
+    network fed, and a second or third worker costs RAM and no time."""
     if os.environ.get("nnUNet_npp"):
         return _default_int("nnUNet_npp", stock_default)
     from noisy_student_nnunet.cpu_threads import available_cores

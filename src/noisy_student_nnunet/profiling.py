@@ -252,7 +252,8 @@ class ProfileResult:
     def peak_rss_tree_mb(self) -> float | None:
         """Sampled peak of the tree's summed RSS, never below the kernel's peak of its largest process
         (which also catches peaks shorter than the interval)."""
-        values = [v for v in (max(self.samples["rss_tree_mb"], default=None), self.peak_rss_largest_process_mb) if v is not None]
+        values = [v for v in (max(self.samples["rss_tree_mb"], default=None), self.peak_rss_largest_process_mb)
+                  if v is not None]
         return max(values) if values else None
 
     @property

@@ -13,9 +13,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="run the whole chain on synthetic phantoms on the CPU and print DSC/NSD per organ",
         description="Makes phantoms (labeled, unlabeled, test), runs scripts/run_pipeline.sh with a small recipe on "
-                    "the CPU or a GPU (teachers, pseudo-labels, student, fine-tune), predicts the test phantoms with one "
-                    "teacher fold, the teacher ensemble, the student and the fine-tuned student, and prints FLARE22 "
-                    "DSC and NSD per organ with prediction time and peak RAM. Rerunning resumes.",
+                    "the CPU or a GPU (teachers, pseudo-labels, student, fine-tune), predicts the test phantoms "
+                    "with one teacher fold, the teacher ensemble, the student and the fine-tuned student, and "
+                    "prints FLARE22 DSC and NSD per organ with prediction time and peak RAM. Rerunning resumes.",
     )
     parser.add_argument("-w", "--work", type=Path, default=Path("nsn_demo"),
                         help="work folder (nnU-Net folders, logs, predictions); default ./nsn_demo")

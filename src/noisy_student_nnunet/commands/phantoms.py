@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(unlabeled images), optionally imagesTs/labelsTs, dataset.json (13 FLARE22 organs) and "
                     "phantoms.json (per-case seed, size, spacing, dropped organs, scanner orientation). Cases are "
                     "stored as LPS, LPI or RAS; --setting / --cohort draw them from named cohorts (contrast phase, "
-                    "lesions, organ changes, slice spacing, noise, kernel, scanner offset, coverage); dataset.json has nnU-Net read them with its reorienting reader "
+                    "lesions, organ changes, slice spacing, noise, kernel, scanner offset, coverage); dataset.json "
+                    "has nnU-Net read them with its reorienting reader "
                     "(NibabelIOWithReorient). Deterministic for a seed. "
                     "Small cases by default (in-plane 96-128 voxels, 24-64 slices); --clinical gives "
                     "512x512xN volumes at real anatomical size.",

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     check_filter(args.keep_top, args.min_confidence)
     settings = PseudolabelSettings(
         labeled_dataset=args.dataset, images_dir=args.images, folds=args.folds, trainer=args.trainer,
-        plans=args.plans, student_plans=args.student_plans, configuration=args.configuration, checkpoint=args.checkpoint,
+        plans=args.plans, student_plans=args.student_plans, configuration=args.configuration,
+        checkpoint=args.checkpoint,
         enable_tta=args.enable_tta, ignore_below=args.ignore_below,
         direct_preprocessed=not args.stock_preprocessing, tile_step_size=args.step_size, precision=args.precision,
         backend=args.backend)

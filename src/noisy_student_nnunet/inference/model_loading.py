@@ -71,7 +71,7 @@ def build_network(trainer_name: str, plans_manager: PlansManager, configuration_
 def load_trained_model(model_folder: str, folds: Sequence[Union[int, str]],
                        checkpoint_name: str = "checkpoint_final.pth") -> TrainedModel:
     """Stock's reading of ``model_folder`` (plans, dataset.json, each fold's checkpoint; the network holds the first
-    fold's weights, as stock's does since nnU-Net issue 2520)."""
+    fold's weights, as stock's does since nnU-Net's GitHub issue #2520)."""
     dataset_json = load_json(os.path.join(model_folder, "dataset.json"))
     plans_manager = PlansManager(load_json(os.path.join(model_folder, "plans.json")))
     parameters: list[dict] = []

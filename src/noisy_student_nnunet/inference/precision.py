@@ -4,9 +4,9 @@ On the CPU, ``auto`` is fp32, stock nnU-Net's arithmetic: the labels of torch fp
 per patch where the CPU executes it natively (AMX-BF16 tiles or AVX512_BF16 dot products; elsewhere torch emulates
 it, slower than fp32, and OpenVINO runs fp32), but it moves labels at organ boundaries: against fp32, the demo's
 fine-tuned student fell to Dice 0.993 on the pancreas, an organ it learned, and 0.969 on the gallbladder
-(docs/benchmarks.md#bf16-an-explicit-choice), below issue 20's guard of 0.997 for a default. So bf16 is an explicit choice, ``--precision bf16``, and ``auto`` says in the log
-when the CPU would run it natively. On CUDA, ``auto`` keeps stock nnU-Net's fp16 autocast; ``bf16`` and ``fp32``
-are honoured there too.
+(docs/benchmarks.md#bf16-an-explicit-choice), below the guard of 0.997 for a default. So bf16 is an explicit
+choice, ``--precision bf16``, and ``auto`` says in the log when the CPU would run it natively. On CUDA, ``auto``
+keeps stock nnU-Net's fp16 autocast; ``bf16`` and ``fp32`` are honoured there too.
 
 ``NSN_CPU_BF16=0`` makes the detection answer "no native bf16" (``=1``: "native bf16"), so that a test, or a
 user whose CPU misreports, can force what the trainers' bf16 autocast and the log see. An explicit

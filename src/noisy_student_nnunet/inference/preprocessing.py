@@ -14,8 +14,8 @@ nonzero mask (then discarded by the predictor), and its resampling makes whole-v
   evaluated one axis at a time (:mod:`.spline_resize`; other orders: padded along every axis and interpolated by
   scipy's own routine, :func:`resize_3d_lean`): 8 bytes per input voxel.
 
-And it is faster where stock is slow on a clinical CT (523 x 433 x 269 voxels: preprocessing took half the
-network's time, issue 20):
+And it is faster where stock is slow on a clinical CT (523 x 433 x 269 voxels), where stock's preprocessing
+takes a large share of the network's time:
 
 - the 3D path's cubic spline is evaluated axis by axis: 3 x 4 coefficients per output voxel, each axis on an
   array already shrunk along the ones before, instead of 4 x 4 x 4 from the whole padded volume (on the clinical

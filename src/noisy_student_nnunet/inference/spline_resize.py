@@ -140,7 +140,7 @@ def resize_cubic_separable(channel: np.ndarray, new_shape: Sequence[int],
         prefilter(padded[:, a:b], 0)
 
     run_blocks(pad_and_filter, new_shape[1])
-    del stack
+    stack = None  # the in-plane stack is released before the output is allocated
     output = np.empty(new_shape, dtype=np.float64)
     indices, weights = taps[0]
 

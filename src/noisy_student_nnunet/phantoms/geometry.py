@@ -184,7 +184,7 @@ class Tube:
             ra, rb = self.rad[k], self.rad[k + 1]
             reach = max(ra, rb) + 1.0
             lo, hi = np.minimum(a, b) - reach, np.maximum(a, b) + reach
-            idx = [span(coords, l, h) for coords, l, h in zip((z, y, x), lo, hi)]
+            idx = [span(coords, low, high) for coords, low, high in zip((z, y, x), lo, hi)]
             if any(s.stop <= s.start for s in idx):
                 continue
             Z, Y, X = z[idx[0], None, None], y[None, idx[1], None], x[None, None, idx[2]]
