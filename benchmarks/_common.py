@@ -124,7 +124,8 @@ def warm_guest_memory(gigabytes: float) -> str:
             "    a = np.empty(2**24); a.fill(1.0); keep.append(a)\n"  # 128 MB each
             "print(round(time.perf_counter() - t, 1))")
     took = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    return f"guest memory: {gigabytes:.3g} GB touched first ({took} s), so no run pays for the host backing fresh memory"
+    return (f"guest memory: {gigabytes:.3g} GB touched first ({took} s), "
+            "so no run pays for the host backing fresh memory")
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -239,6 +240,15 @@ def run_profiled(label: str, command: list[str], env: dict, log: Path, timeout: 
     return row
 
 
+def console_command(name: str) -> str:
+    """A console script next to this interpreter, else the one on PATH (a machine where the packages are not
+    installed, only put on PYTHONPATH, gets wrapper scripts there: benchmarks/gpu_check.sh), else the bare name."""
+    import shutil
+
+    installed = BIN / name
+    return str(installed) if installed.is_file() else (shutil.which(name) or name)
+
+
 #: the predictions compared: stock nnUNetv2_predict and ours, by key
 PREDICT_RUNS = ("stock", "stock_notta", "ours_fp32", "ours", "ours_bf16", "ours_linear")
 
@@ -250,7 +260,7 @@ def predict_commands(which: Sequence[str], inputs: Path, out_root: Path, dataset
 
     common = ["-i", str(inputs), "-d", dataset_name, "-c", mf.CONFIGURATION, "-f", "0", "-device", device,
               "--disable_progress_bar"]
-    stock, ours = str(BIN / "nnUNetv2_predict"), str(BIN / "nnUNetv2_predict_lowfootprint")
+    stock, ours = console_command("nnUNetv2_predict"), console_command("nnUNetv2_predict_lowfootprint")
     catalogue = {
         "stock": ("stock nnUNetv2_predict (defaults, TTA)", [stock, *common]),
         "stock_notta": ("stock nnUNetv2_predict --disable_tta", [stock, *common, "--disable_tta"]),
