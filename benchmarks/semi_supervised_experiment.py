@@ -39,8 +39,7 @@ recomputes the summary from the files (with ``--evaluation``: the protocol's end
 pseudo-labels, the teachers' augmentation, 96 unlabeled phantoms; see ``student_ablations.py``), each with its
 fine-tune, as stages ``student_NAME`` and ``finetuned_NAME`` of the same seed's file.
 
-One seed with the ``all`` control takes about 30 minutes on 2 CPU cores with native bf16 and about an hour without
-(the seed files' ``minutes``). Extra arguments after ``--`` go to ``nsn demo`` (``-- -u 48``: more unlabeled
+Each seed file's ``minutes`` (wall) and ``costs`` (CPU minutes per stage) say what a seed took where it ran. Extra arguments after ``--`` go to ``nsn demo`` (``-- -u 48``: more unlabeled
 phantoms; ``-- --device cuda``).
 """
 
