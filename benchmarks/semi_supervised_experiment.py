@@ -39,7 +39,8 @@ recomputes the summary from the files (with ``--evaluation``: the protocol's end
 pseudo-labels, the teachers' augmentation, 96 unlabeled phantoms; see ``student_ablations.py``), each with its
 fine-tune, as stages ``student_NAME`` and ``finetuned_NAME`` of the same seed's file.
 
-Each seed file's ``minutes`` (wall) and ``costs`` (CPU minutes per stage) say what a seed took where it ran. Extra arguments after ``--`` go to ``nsn demo`` (``-- -u 48``: more unlabeled
+Each seed file's ``minutes`` (wall) and ``costs`` (CPU minutes per stage) say what a seed took where it ran.
+Extra arguments after ``--`` go to ``nsn demo`` (``-- -u 48``: more unlabeled
 phantoms; ``-- --device cuda``).
 """
 
